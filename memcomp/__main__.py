@@ -1,0 +1,5 @@
+import sys
+
+from memcomp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,435 @@
+"""MemoryCompressor: one causal LM as encoder and decoder (seed 002, section 3.1).
+
+Encoder: the text is cut into chunks of C tokens; each chunk runs through the LM alone (positions from 0,
+no attention across chunks, no LM head); its final-layer hidden states go through the model's final
+RMSNorm, are averaged over the chunk's real tokens and projected by a d x d linear layer -- all three in
+one fused op (``memcomp.fused.segment_mean_proj``) -- giving one memory embedding per chunk.
+
+Decoder: the memory embeddings, wrapped by <MEM_START>/<MEM_END>, then the instruction (then, in
+training, the target), fed to the same LM as ``inputs_embeds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memcomp.config import CompressorConfig
+from memcomp.fused import segment_mean_proj
+from memcomp.memory import Memory, MemoryMismatchError
+from memcomp.profiling import nvtx_range
+
+CONFIG_FILE = "memcomp_config.json"
+PROJECTION_FILE = "memcomp_projection.safetensors"
+FORMAT = "memcomp-compressor"
+
+TokenIds = Union[torch.Tensor, Sequence[int]]
+TextOrIds = Union[str, TokenIds]
+
+
+@dataclass
+class CompressorOutput:
+    """``loss``: mean over target tokens; ``token_losses``: one per target token, in batch order."""
+
+    loss: torch.Tensor
+    token_losses: torch.Tensor
+    num_target_tokens: int
+
+
+@dataclass
+class DecoderInputs:
+    """A decoder batch: ``inputs_embeds [B, L, d]``, ``attention_mask [B, L]``, ``position_ids [B, L]``,
+    ``labels [B, L]`` (-100 outside targets; None without targets), ``memory_positions`` (one index
+    tensor [n_b] per row: where that row's memory embeddings sit)."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: Optional[torch.Tensor]
+    memory_positions: list[torch.Tensor]
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+def _eps_of(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    raise ValueError(f"cannot find the epsilon of the final norm {type(norm).__name__}")
+
+
+class MemoryCompressor(nn.Module):
+    """Wraps a Hugging Face causal LM (Qwen2 / Llama / Mistral families) by composition."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: CompressorConfig,
+                 projection: nn.Linear) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.projection = projection
+        self.mem_start_id = tokenizer.convert_tokens_to_ids(config.mem_start_token)
+        self.mem_end_id = tokenizer.convert_tokens_to_ids(config.mem_end_token)
+        self._fp_key: Optional[tuple] = None
+        self._fp: str = ""
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction, persistence
+    # ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_architecture(model: nn.Module) -> None:
+        base = getattr(model, "base_model", None)
+        missing = [a for a in ("embed_tokens", "layers", "norm") if not hasattr(base, a)]
+        if base is None or base is model or missing or model.get_output_embeddings() is None:
+            raise ValueError(
+                f"MemoryCompressor needs a Hugging Face causal LM of the Qwen2 / Llama / Mistral families "
+                f"(a base model with embed_tokens, layers and a final norm, plus an LM head); got "
+                f"{type(model).__name__}" + (f" (base model lacks {', '.join(missing)})" if missing else ""))
+        _eps_of(base.norm)
+
+    @classmethod
+    def from_base(cls, model: nn.Module, tokenizer: Any,
+                  config: Optional[CompressorConfig] = None) -> MemoryCompressor:
+        """Wrap ``model``: add the MEM tokens to ``tokenizer``, resize embeddings, create the projection."""
+        config = config or CompressorConfig()
+        cls._check_architecture(model)
+        tokenizer.add_tokens([config.mem_start_token, config.mem_end_token], special_tokens=True)
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+            tokenizer.pad_token = tokenizer.eos_token
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        d = model.config.hidden_size
+        ref = model.get_input_embeddings().weight
+        projection = nn.Linear(d, d, bias=config.projection_bias, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            if config.projection_init == "identity":
+                projection.weight.copy_(torch.eye(d, dtype=ref.dtype, device=ref.device))
+            else:
+                projection.weight.normal_(0.0, d ** -0.5)
+            if projection.bias is not None:
+                projection.bias.zero_()
+        return cls(model, tokenizer, config, projection)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Model and tokenizer (HF format), projection (safetensors), config (JSON, written last)."""
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        marker = os.path.join(directory, CONFIG_FILE)
+        if os.path.exists(marker):
+            os.remove(marker)  # an interrupted save never looks complete
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()},
+                  os.path.join(directory, PROJECTION_FILE))
+        tmp = marker + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"format": FORMAT, "format_version": 1, "config": self.config.to_dict()}, f, indent=2)
+        os.replace(tmp, marker)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> MemoryCompressor:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory = os.fspath(directory)
+        marker = os.path.join(directory, CONFIG_FILE)
+        if not os.path.isfile(marker):
+            raise FileNotFoundError(f"{directory} is not a saved MemoryCompressor ({CONFIG_FILE} missing: "
+                                    "the save did not finish, or this is a plain model directory -- wrap "
+                                    "plain models with MemoryCompressor.from_base)")
+        with open(marker) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{marker} is not a memcomp compressor config (format={meta.get('format')!r})")
+        config = CompressorConfig.from_dict(meta["config"])
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (config.mem_start_token, config.mem_end_token) if t not in vocab]
+        if missing:
+            raise ValueError(f"the tokenizer in {directory} lacks the compressor's special tokens {missing}")
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        cls._check_architecture(model)
+        state = load_file(os.path.join(directory, PROJECTION_FILE))
+        d = model.config.hidden_size
+        ref = model.get_input_embeddings().weight
+        projection = nn.Linear(d, d, bias="bias" in state, device=ref.device, dtype=ref.dtype)
+        projection.load_state_dict(state)
+        comp = cls(model, tokenizer, config, projection)
+        return comp.to(device) if device is not None else comp
+
+    # ------------------------------------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model.base_model
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.projection.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def fingerprint(self) -> str:
+        """A hash of the config, the architecture and a strided sample of every parameter (bf16-rounded,
+        so fp32 and bf16 copies of the same weights agree); recomputed only after parameters change."""
+        params = list(self.named_parameters())
+        key = tuple((id(p), p._version) for _, p in params)
+        if key != self._fp_key:
+            h = hashlib.sha256()
+            h.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            arch = {k: getattr(self.model.config, k, None)
+                    for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+            h.update(json.dumps(arch, sort_keys=True).encode())
+            samples = []
+            for name, p in params:
+                flat = p.detach().reshape(-1)
+                samples.append(flat[:: max(1, flat.numel() // 64)][:64].to(torch.bfloat16))
+                h.update(f"{name}:{tuple(p.shape)};".encode())
+            h.update(torch.cat(samples).view(torch.int16).cpu().numpy().tobytes())
+            self._fp_key, self._fp = key, h.hexdigest()[:16]
+        return self._fp
+
+    def check_memory(self, memory: Memory) -> None:
+        if memory.hidden_size != self.hidden_size:
+            raise MemoryMismatchError(f"memory has hidden size {memory.hidden_size}, this compressor "
+                                      f"{self.hidden_size}: it was made by a different model")
+        if memory.chunk_size != self.config.chunk_size:
+            raise MemoryMismatchError(f"memory was made with chunk_size {memory.chunk_size}, this "
+                                      f"compressor uses {self.config.chunk_size}")
+        if memory.fingerprint != self.fingerprint():
+            raise MemoryMismatchError(f"memory fingerprint {memory.fingerprint} does not match this "
+                                      f"compressor ({self.fingerprint()}): it was made by another compressor "
+                                      "or before these weights changed; re-encode the text")
+
+    # ------------------------------------------------------------------------------------------------
+    # Encoder
+    # ------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: TextOrIds) -> torch.Tensor:
+        if isinstance(text, str):
+            return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        ids = torch.as_tensor(text, dtype=torch.long)
+        if ids.dim() != 1:
+            raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+        return ids
+
+    @contextlib.contextmanager
+    def _without_final_norm(self) -> Iterator[nn.Module]:
+        """Swap the base model's final norm for Identity on this instance while the encoder runs: the
+        fused pooling op applies that norm itself (one read of the hidden states instead of two)."""
+        base = self.base
+        norm = base.norm
+        base.norm = nn.Identity()
+        try:
+            yield norm
+        finally:
+            base.norm = norm
+
+    def encode_chunks(self, ids: Sequence[torch.Tensor], *, chunks_per_batch: Optional[int] = None,
+                      progress: Optional[bool] = None) -> list[torch.Tensor]:
+        """Differentiable core of ``encode``: token-id tensors -> one ``[n_chunks_i, d]`` tensor each."""
+        C = self.config.chunk_size
+        cpb = chunks_per_batch or self.config.chunks_per_batch
+        device = self.device
+        pad_id = self.tokenizer.pad_token_id
+        # Every chunk of every text: (text index, ids); the last chunk of a text may be short.
+        chunks: list[torch.Tensor] = []
+        owner: list[int] = []
+        for i, t in enumerate(ids):
+            for s in range(0, t.numel(), C):
+                chunks.append(t[s:s + C])
+                owner.append(i)
+        n_batches = math.ceil(len(chunks) / cpb)
+        show = progress if progress is not None else self.config.progress
+        show = n_batches > 32 if show is None else show
+        pieces: list[torch.Tensor] = []
+        batches = range(0, len(chunks), cpb)
+        if show:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=n_batches, desc="memcomp encode", unit="batch")
+        with nvtx_range("encode"), self._without_final_norm() as norm:
+            for b0 in batches:
+                group = chunks[b0:b0 + cpb]
+                lengths = torch.tensor([c.numel() for c in group])
+                width = int(lengths.max())
+                batch = torch.full((len(group), width), pad_id, dtype=torch.long)
+                for j, c in enumerate(group):
+                    batch[j, : c.numel()] = c
+                # Right padding under causal attention cannot reach the real tokens: no mask needed.
+                hidden = self.base(input_ids=batch.to(device), use_cache=False).last_hidden_state
+                if bool((lengths == width).all()):
+                    flat = hidden.reshape(-1, hidden.shape[-1])
+                else:
+                    keep = torch.arange(width) < lengths[:, None]
+                    flat = hidden[keep.to(device)]
+                cu = torch.zeros(len(group) + 1, dtype=torch.int32)
+                cu[1:] = torch.cumsum(lengths, 0)
+                with nvtx_range("pool"):
+                    pieces.append(segment_mean_proj(
+                        flat, cu.to(device, non_blocking=True), self.projection.weight, self.projection.bias,
+                        norm.weight, _eps_of(norm), check_inputs=False))
+        d = self.hidden_size
+        emb = torch.cat(pieces) if pieces else torch.empty((0, d), device=device, dtype=self.dtype)
+        counts = [math.ceil(t.numel() / C) for t in ids]
+        return list(torch.split(emb, counts))
+
+    @torch.no_grad()
+    def encode(self, inputs: Union[TextOrIds, Sequence[str]], *, chunks_per_batch: Optional[int] = None,
+               progress: Optional[bool] = None) -> Union[Memory, list[Memory]]:
+        """Text (str or 1-D token ids) -> ``Memory``; a list of strings -> a list of ``Memory``."""
+        single = isinstance(inputs, str) or (isinstance(inputs, torch.Tensor) and inputs.dim() == 1) or (
+            isinstance(inputs, (list, tuple)) and (len(inputs) == 0 or isinstance(inputs[0], int)))
+        texts = [inputs] if single else list(inputs)
+        ids = [self.tokenize(t) for t in texts]
+        embs = self.encode_chunks(ids, chunks_per_batch=chunks_per_batch, progress=progress)
+        fp = self.fingerprint()
+        mems = [Memory(e, t.numel(), self.config.chunk_size, fp) for e, t in zip(embs, ids)]
+        return mems[0] if single else mems
+
+    # ------------------------------------------------------------------------------------------------
+    # Decoder
+    # ------------------------------------------------------------------------------------------------
+
+    def memory_layout(self, n_chunks: int) -> tuple[list[int], list[int]]:
+        """Token ids of the memory block (placeholders = pad id) and the memory slots within it."""
+        S, E, P = self.mem_start_id, self.mem_end_id, self.tokenizer.pad_token_id
+        if n_chunks == 0:
+            return [], []
+        if self.config.wrapper == "per_embedding":
+            return [S, P, E] * n_chunks, [3 * i + 1 for i in range(n_chunks)]
+        return [S] + [P] * n_chunks + [E], list(range(1, n_chunks + 1))
+
+    def _memory_tensor(self, m: Union[Memory, torch.Tensor]) -> torch.Tensor:
+        if isinstance(m, Memory):
+            self.check_memory(m)
+            return m.embeddings
+        if m.dim() != 2 or m.shape[1] != self.hidden_size:
+            raise MemoryMismatchError(f"memory embeddings must be [n, {self.hidden_size}], got {tuple(m.shape)}")
+        return m
+
+    def build_decoder_inputs(self, memories: Sequence[Union[Memory, torch.Tensor]],
+                             instructions: Sequence[TextOrIds],
+                             targets: Optional[Sequence[TextOrIds]] = None, *,
+                             padding_side: str = "left", append_eos: bool = True) -> DecoderInputs:
+        """One row per sample: memory block, instruction, then (if given) the target (+ EOS).
+
+        Rows are padded on ``padding_side`` (left for generation, right for training); position ids
+        count real tokens from 0 in each row; labels are -100 except on target tokens.
+        """
+        if len(memories) != len(instructions) or (targets is not None and len(targets) != len(memories)):
+            raise ValueError(f"build_decoder_inputs: {len(memories)} memories, {len(instructions)} "
+                             f"instructions" + ("" if targets is None else f", {len(targets)} targets"))
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if not memories:
+            raise ValueError("build_decoder_inputs needs at least one sample")
+        device = self.device
+        rows, slots, label_rows, mems = [], [], [], []
+        eos = self.tokenizer.eos_token_id
+        for i, m in enumerate(memories):
+            mem = self._memory_tensor(m)
+            block, slot = self.memory_layout(mem.shape[0])
+            inst = self.tokenize(instructions[i]).tolist()
+            row = block + inst
+            labels = [-100] * len(row)
+            if targets is not None:
+                tgt = self.tokenize(targets[i]).tolist() + ([eos] if append_eos and eos is not None else [])
+                row += tgt
+                labels += tgt
+            rows.append(row)
+            slots.append(slot)
+            label_rows.append(labels)
+            mems.append(mem)
+        L = max(len(r) for r in rows)
+        B = len(rows)
+        ids = torch.full((B, L), self.tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        pos = torch.zeros((B, L), dtype=torch.long)
+        memory_positions = []
+        for b, row in enumerate(rows):
+            off = L - len(row) if padding_side == "left" else 0
+            ids[b, off:off + len(row)] = torch.tensor(row)
+            attn[b, off:off + len(row)] = 1
+            labels[b, off:off + len(row)] = torch.tensor(label_rows[b])
+            pos[b, off:off + len(row)] = torch.arange(len(row))
+            memory_positions.append(torch.tensor(slots[b], dtype=torch.long) + off)
+        ids, attn, labels, pos = (t.to(device) for t in (ids, attn, labels, pos))
+        embeds = self.model.get_input_embeddings()(ids)
+        batch_idx = torch.cat([torch.full((len(s),), b, dtype=torch.long) for b, s in enumerate(slots)])
+        slot_idx = torch.cat(memory_positions)
+        if slot_idx.numel():
+            values = torch.cat(mems).to(device=device, dtype=embeds.dtype)
+            embeds = embeds.index_put((batch_idx.to(device), slot_idx.to(device)), values)
+        return DecoderInputs(embeds, attn, pos, labels if targets is not None else None, memory_positions)
+
+    def forward(self, instructions: Sequence[TextOrIds], targets: Sequence[TextOrIds], *,
+                contexts: Optional[Sequence[TextOrIds]] = None,
+                memories: Optional[Sequence[Union[Memory, torch.Tensor]]] = None,
+                append_eos: bool = True) -> CompressorOutput:
+        """LM loss on the target tokens only, given either raw ``contexts`` (encoded here, with gradients
+        through the encoder) or precomputed ``memories``. The LM head runs on target rows only."""
+        if (contexts is None) == (memories is None):
+            raise ValueError("forward needs exactly one of contexts= or memories=")
+        if contexts is not None:
+            memories = self.encode_chunks([self.tokenize(c) for c in contexts])
+        batch = self.build_decoder_inputs(memories, instructions, targets, padding_side="right",
+                                          append_eos=append_eos)
+        with nvtx_range("decoder"):
+            mask = None if bool(batch.attention_mask.all()) else batch.attention_mask
+            hidden = self.base(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
+                               position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        with nvtx_range("loss"):
+            shifted = batch.labels[:, 1:]
+            sel = shifted != -100
+            logits = self.model.get_output_embeddings()(hidden[:, :-1][sel])
+            token_losses = F.cross_entropy(logits.float(), shifted[sel], reduction="none")
+        n = int(sel.sum())
+        if n == 0:
+            raise ValueError("forward: no target tokens in the batch")
+        return CompressorOutput(token_losses.mean(), token_losses, n)
+
+    @torch.no_grad()
+    def generate(self, memories: Union[Memory, Sequence[Union[Memory, torch.Tensor]]],
+                 prompts: Union[TextOrIds, Sequence[TextOrIds]], **generate_kwargs: Any) -> list[str]:
+        """Decode from memory + prompt with HF ``generate`` on ``inputs_embeds`` (greedy by default)."""
+        if isinstance(memories, (Memory, torch.Tensor)):
+            memories = [memories]
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(memories)
+        batch = self.build_decoder_inputs(memories, prompts, padding_side="left")
+        generate_kwargs.setdefault("max_new_tokens", 64)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        with nvtx_range("generate"):
+            out = self.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                      **generate_kwargs)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)

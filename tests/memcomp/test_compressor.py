@@ -1,0 +1,283 @@
+"""MemoryCompressor: encode, decoder inputs, loss, generate, persistence, errors."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from testutil import TEXTS, tiny_model
+
+from memcomp import CompressorConfig, Memory, MemoryCompressor, MemoryMismatchError
+from memcomp.fused import use_backend
+
+
+def naive_encode(comp, ids):
+    """What the paper describes, the slow way: each chunk alone through the HF model (final norm
+    included), mean of its final hidden states over real tokens, then the projection."""
+    C = comp.config.chunk_size
+    out = []
+    with torch.no_grad():
+        for s in range(0, ids.numel(), C):
+            h = comp.model.model(input_ids=ids[None, s:s + C]).last_hidden_state[0]
+            out.append(comp.projection(h.mean(0)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_encode_equals_naive_per_chunk_loop(make_compressor, family, backend):
+    comp = make_compressor(family=family, chunks_per_batch=3)
+    ids = [comp.tokenize(t) for t in TEXTS]
+    assert all(t.numel() % 4 for t in ids[:2]), "want partial last chunks"
+    with use_backend(backend):
+        mems = comp.encode(TEXTS)
+    for mem, t in zip(mems, ids):
+        assert mem.num_tokens == t.numel() and mem.n_chunks == -(-t.numel() // 4)
+        assert mem.fingerprint == comp.fingerprint()
+        torch.testing.assert_close(mem.embeddings, naive_encode(comp, t), rtol=1e-4, atol=1e-5)
+
+
+def test_encode_accepts_str_ids_and_lists(make_compressor):
+    comp = make_compressor()
+    ids = comp.tokenize(TEXTS[0])
+    a = comp.encode(TEXTS[0])
+    b = comp.encode(ids)
+    c = comp.encode(ids.tolist())
+    assert isinstance(a, Memory) and isinstance(c, Memory)
+    torch.testing.assert_close(a.embeddings, b.embeddings)
+    torch.testing.assert_close(a.embeddings, c.embeddings)
+    many = comp.encode(TEXTS[:2])
+    assert isinstance(many, list) and len(many) == 2
+    torch.testing.assert_close(many[0].embeddings, a.embeddings)
+
+
+def test_encoder_skips_lm_head_and_restores_final_norm(make_compressor):
+    comp = make_compressor()
+    calls = {"lm_head": 0, "norm": 0}
+    comp.model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1))
+    norm = comp.model.model.norm
+    norm.register_forward_hook(lambda *a: calls.__setitem__("norm", calls["norm"] + 1))
+    comp.encode(TEXTS[0])
+    assert calls == {"lm_head": 0, "norm": 0}, "encoder ran the LM head or the model's own final norm"
+    assert comp.model.model.norm is norm
+    # Restored even when the encoder fails half-way.
+    with pytest.raises(IndexError):
+        comp.encode(torch.tensor([10_000]))
+    assert comp.model.model.norm is norm
+
+
+def test_micro_batching_bounds_the_batch_and_matches(make_compressor):
+    comp = make_compressor(chunks_per_batch=2)
+    seen = []
+    comp.model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(o[0].shape[0] if isinstance(o, tuple)
+                                                                                 else o.shape[0]))
+    long_text = " ".join(TEXTS)
+    small = comp.encode(long_text)
+    assert max(seen) <= 2
+    big = comp.encode(long_text, chunks_per_batch=64)
+    torch.testing.assert_close(small.embeddings, big.embeddings, rtol=1e-5, atol=1e-6)
+
+
+def test_encode_gradients_flow_to_encoder_and_projection(make_compressor):
+    comp = make_compressor()
+    comp.train()
+    out = comp(["Reconstruct:"], [TEXTS[0]], contexts=[TEXTS[0]])
+    out.loss.backward()
+    assert comp.projection.weight.grad.abs().sum() > 0
+    assert comp.model.model.norm.weight.grad.abs().sum() > 0, "final norm gets gradient via the fused op"
+    assert comp.model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("wrapper", ["per_embedding", "per_block"])
+def test_decoder_inputs_layout(make_compressor, wrapper):
+    comp = make_compressor(wrapper=wrapper)
+    mems = comp.encode([TEXTS[0], TEXTS[1]])
+    inst = ["Reconstruct the text:", "Go"]
+    batch = comp.build_decoder_inputs(mems, inst, padding_side="left")
+    S, E = comp.mem_start_id, comp.mem_end_id
+    emb = comp.model.get_input_embeddings()
+    B, L, d = batch.inputs_embeds.shape
+    assert B == 2 and d == comp.hidden_size
+    for b, (mem, text) in enumerate(zip(mems, inst)):
+        n = mem.n_chunks
+        inst_ids = comp.tokenize(text)
+        block = 3 * n if wrapper == "per_embedding" else n + 2
+        row_len = block + inst_ids.numel()
+        off = L - row_len
+        assert batch.attention_mask[b].tolist() == [0] * off + [1] * row_len
+        assert batch.position_ids[b, off:].tolist() == list(range(row_len))
+        if wrapper == "per_embedding":
+            expected_slots = [off + 3 * i + 1 for i in range(n)]
+            starts, ends = [off + 3 * i for i in range(n)], [off + 3 * i + 2 for i in range(n)]
+        else:
+            expected_slots = [off + 1 + i for i in range(n)]
+            starts, ends = [off], [off + n + 1]
+        assert batch.memory_positions[b].tolist() == expected_slots
+        torch.testing.assert_close(batch.inputs_embeds[b, expected_slots], mem.embeddings)
+        for p in starts:
+            torch.testing.assert_close(batch.inputs_embeds[b, p], emb.weight[S])
+        for p in ends:
+            torch.testing.assert_close(batch.inputs_embeds[b, p], emb.weight[E])
+        torch.testing.assert_close(batch.inputs_embeds[b, off + block:], emb(inst_ids))
+    assert batch.labels is None
+
+
+def test_training_labels_and_loss_match_full_logits(make_compressor):
+    comp = make_compressor()
+    targets = [TEXTS[2], TEXTS[0][:40]]
+    mems = comp.encode(targets)
+    out = comp(["Reconstruct:", "Again:"], targets, memories=mems)
+    batch = comp.build_decoder_inputs(mems, ["Reconstruct:", "Again:"], targets, padding_side="right")
+    eos = comp.tokenizer.eos_token_id
+    for b, t in enumerate(targets):
+        lab = batch.labels[b][batch.labels[b] != -100].tolist()
+        assert lab == comp.tokenize(t).tolist() + [eos]
+    with torch.no_grad():
+        logits = comp.model(**batch.model_kwargs()).logits
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+    torch.testing.assert_close(out.loss, full, rtol=1e-5, atol=1e-6)
+    assert out.num_target_tokens == int((batch.labels != -100).sum()) == out.token_losses.numel()
+
+
+def test_generate_batched_equals_one_by_one(make_compressor):
+    comp = make_compressor()
+    mems = comp.encode(TEXTS)
+    prompts = ["Reconstruct:", "Write it out again please:", "Go"]
+    batched = comp.generate(mems, prompts, max_new_tokens=8)
+    singles = [comp.generate(m, p, max_new_tokens=8)[0] for m, p in zip(mems, prompts)]
+    assert batched == singles
+    assert all(isinstance(s, str) for s in batched)
+
+
+def test_save_pretrained_round_trip(make_compressor, tmp_path):
+    comp = make_compressor(wrapper="per_block", chunk_size=8)
+    mem = comp.encode(TEXTS[1])
+    comp.save_pretrained(tmp_path)
+    loaded = MemoryCompressor.from_pretrained(tmp_path)
+    assert loaded.config == comp.config
+    assert loaded.mem_start_id == comp.mem_start_id and loaded.mem_end_id == comp.mem_end_id
+    assert loaded.fingerprint() == comp.fingerprint()
+    torch.testing.assert_close(loaded.encode(TEXTS[1]).embeddings, mem.embeddings)
+    loaded.check_memory(mem)
+    assert loaded.generate(mem, "Go", max_new_tokens=5) == comp.generate(mem, "Go", max_new_tokens=5)
+
+
+def test_memory_save_load_and_mismatch_errors(make_compressor, tmp_path):
+    comp = make_compressor()
+    mem = comp.encode(TEXTS[0])
+    path = tmp_path / "m.safetensors"
+    mem.save(path)
+    back = Memory.load(path)
+    torch.testing.assert_close(back.embeddings, mem.embeddings)
+    assert (back.num_tokens, back.chunk_size, back.fingerprint) == (mem.num_tokens, 4, mem.fingerprint)
+    comp.generate(back, "Go", max_new_tokens=2)
+
+    other = make_compressor(seed=1)
+    with pytest.raises(MemoryMismatchError, match="fingerprint"):
+        other.generate(back, "Go", max_new_tokens=2)
+    wider = Memory(torch.zeros(mem.n_chunks, comp.hidden_size + 1), mem.num_tokens, 4, mem.fingerprint)
+    with pytest.raises(MemoryMismatchError, match="hidden size"):
+        comp.build_decoder_inputs([wider], ["Go"])
+    other_chunk = Memory(torch.zeros(1, comp.hidden_size), 8, 8, mem.fingerprint)
+    with pytest.raises(MemoryMismatchError, match="chunk_size"):
+        comp.build_decoder_inputs([other_chunk], ["Go"])
+    # Training the compressor changes its fingerprint: old memories are refused.
+    with torch.no_grad():
+        comp.projection.weight.mul_(1.5)
+    with pytest.raises(MemoryMismatchError, match="re-encode"):
+        comp.check_memory(mem)
+
+
+def test_corrupt_and_foreign_memory_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from memcomp.memory import MemoryFileError
+
+    mem = Memory(torch.randn(3, 8), 10, 4, "abc")
+    good = tmp_path / "good.safetensors"
+    mem.save(good)
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MemoryFileError, match="truncated or corrupt"):
+        Memory.load(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(MemoryFileError, match="truncated or corrupt"):
+        Memory.load(tmp_path / "junk.safetensors")
+    save_file({"x": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(MemoryFileError, match="not a memcomp memory"):
+        Memory.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(MemoryFileError, match="not found"):
+        Memory.load(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="needs 3 embeddings"):
+        Memory(torch.zeros(2, 8), 10, 4, "abc")
+
+
+def test_from_pretrained_errors(make_compressor, tmp_path, base_tokenizer):
+    with pytest.raises(FileNotFoundError, match="memcomp_config.json missing"):
+        MemoryCompressor.from_pretrained(tmp_path)
+    comp = make_compressor()
+    comp.save_pretrained(tmp_path / "c")
+    # A tokenizer without the special tokens (a plain model directory with a copied config).
+    base_tokenizer.save_pretrained(tmp_path / "c")
+    with pytest.raises(ValueError, match="lacks the compressor's special tokens"):
+        MemoryCompressor.from_pretrained(tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "memcomp_config.json").read_text())
+    cfg["config"]["bogus"] = 1
+    (tmp_path / "c" / "memcomp_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown CompressorConfig keys: bogus"):
+        MemoryCompressor.from_pretrained(tmp_path / "c")
+    assert os.path.exists(tmp_path / "c" / "memcomp_projection.safetensors")
+
+
+def test_from_base_rejects_unsupported_architectures(base_tokenizer):
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(base_tokenizer), n_embd=32,
+                                                               n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="Qwen2 / Llama / Mistral"):
+        MemoryCompressor.from_base(gpt2, base_tokenizer)
+
+
+def test_from_base_adds_tokens_and_resizes(base_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(base_tokenizer)
+    model = tiny_model(tok)
+    n = model.get_input_embeddings().weight.shape[0]
+    comp = MemoryCompressor.from_base(model, tok)
+    assert comp.model.get_input_embeddings().weight.shape[0] == n + 2 == len(tok)
+    assert tok.convert_tokens_to_ids("<MEM_START>") == comp.mem_start_id != comp.mem_end_id
+    torch.testing.assert_close(comp.projection.weight, torch.eye(comp.hidden_size))  # identity init
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"chunk_size": 0}, "chunk_size"), ({"wrapper": "nested"}, "wrapper"),
+    ({"projection_init": "xavier"}, "projection_init"), ({"chunks_per_batch": 0}, "chunks_per_batch"),
+    ({"mem_start_token": "<M>", "mem_end_token": "<M>"}, "distinct"),
+])
+def test_config_validation(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        CompressorConfig(**kwargs)
+
+
+def test_config_is_frozen():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CompressorConfig().chunk_size = 4
+
+
+@pytest.mark.gpu
+def test_gpu_encode_bf16_matches_naive(base_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(base_tokenizer)
+    model = tiny_model(tok, hidden=256).to("cuda", torch.bfloat16)
+    comp = MemoryCompressor.from_base(model, tok, CompressorConfig(chunk_size=16))
+    text = " ".join(TEXTS * 3)
+    mem = comp.encode(text)
+    ref = naive_encode(comp, comp.tokenize(text).cuda())
+    rel = (mem.embeddings.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < 2e-2

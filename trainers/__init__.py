@@ -1,0 +1,1 @@
+"""Thin training scripts (installed as ``memcomp.trainers``): CPT, SFT and DAPO land here."""
