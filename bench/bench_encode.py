@@ -1,0 +1,60 @@
+"""MemoryCompressor.encode throughput: Qwen2.5-7B shapes with random weights, 120K tokens (bf16, GPU);
+tokens/s and model FLOP utilisation (matmul FLOPs over the 989 TFLOP/s bf16 dense peak, and over the
+GEMM rate measured in the same run). On a CPU: the tiny config, 2K tokens. Target (H200): >= 50 % MFU."""
+
+import pytest
+import torch
+from benchutil import HAS_CUDA, ceilings, sync, time_ms
+
+from memcomp import CompressorConfig, MemoryCompressor
+from memcomp.model_configs import flops_per_token, random_model
+
+COLUMNS = ["model", "tokens", "chunk", "chunks_per_batch", "median_ms", "tokens_per_s", "TFLOP/s", "MFU_peak",
+           "MFU_measured_gemm"]
+PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
+CASES = [("qwen2.5-7b", 122_880, 16, 512)] if HAS_CUDA else [("tiny", 2048, 16, 32)]
+
+
+class _NullTokenizer:
+    """encode() is given token ids here; the compressor only needs the special-token plumbing."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.pad_token_id = 0
+        self.eos_token_id = 0
+
+    def add_tokens(self, tokens, special_tokens=True):
+        return 0
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab - 2 if token == "<MEM_START>" else self.vocab - 1
+
+    def __len__(self):
+        return self.vocab
+
+
+@pytest.mark.parametrize("name,tokens,C,cpb", CASES)
+def test_encode_throughput(benchmark, recorder, name, tokens, C, cpb):
+    device = "cuda" if HAS_CUDA else "cpu"
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    model = random_model(name, device=device, dtype=dtype)
+    comp = MemoryCompressor.from_base(model, _NullTokenizer(model.config.vocab_size),
+                                      CompressorConfig(chunk_size=C, chunks_per_batch=cpb, progress=False))
+    ids = torch.randint(0, model.config.vocab_size - 2, (tokens,))
+
+    def run():
+        comp.encode(ids)
+        sync()
+
+    run()
+    t = time_ms(run, warmup=1, rep=5)
+    benchmark.pedantic(run, rounds=3 if HAS_CUDA else 1, warmup_rounds=0, iterations=1)
+    # Token j of a chunk attends to j + 1 tokens: on average (C + 1) / 2.
+    flops = tokens * flops_per_token(model.config, context=(C + 1) // 2)
+    tflops = flops / (t["median_ms"] * 1e-3) / 1e12
+    row = {"model": name, "tokens": tokens, "chunk": C, "chunks_per_batch": cpb, **t,
+           "tokens_per_s": tokens / (t["median_ms"] * 1e-3), "TFLOP/s": tflops,
+           "MFU_peak": tflops / PEAK_TFLOPS if HAS_CUDA else None,
+           "MFU_measured_gemm": tflops / ceilings()["gemm_tflops"] if HAS_CUDA else None}
+    benchmark.extra_info.update({k: v for k, v in row.items() if v is not None})
+    recorder.append(row)

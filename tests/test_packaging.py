@@ -1,0 +1,85 @@
+"""Installed import names: ours live under memcomp.*; nothing generic (kernels, trainers) is exposed.
+
+Hugging Face's own `kernels` package is imported by transformers and bitsandbytes when present; a
+top-level `kernels` of ours would shadow it or be shadowed by it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROBE = """
+import importlib.util, json, memcomp.kernels, memcomp.trainers, memcomp.fused
+specs = {name: importlib.util.find_spec(name) for name in ("kernels", "trainers", "bench")}
+print(json.dumps({
+    "kernels_file": memcomp.kernels.__file__,
+    "trainers_file": memcomp.trainers.__file__,
+    "op": memcomp.fused.segment_mean_proj.__module__,
+    "generic": {k: (s.origin if s else None) for k, s in specs.items()},
+}))
+"""
+
+
+def _probe(python: str, cwd: str, env_extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(env_extra or {})
+    out = subprocess.run([python, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _assert_ours(info: dict, root: str) -> None:
+    assert os.path.realpath(info["kernels_file"]).startswith(os.path.realpath(root)), info
+    assert info["op"] == "memcomp.kernels.segment_mean_proj"
+    for name, origin in info["generic"].items():
+        assert origin is None or not os.path.realpath(origin).startswith(os.path.realpath(REPO)), (
+            f"top-level `{name}` resolves to our files: {origin}")
+        assert origin is None or "memcomp" not in origin, f"top-level `{name}` resolves to {origin}"
+
+
+def _copy_repo(dst: str) -> str:
+    ignore = shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                    "results")
+    shutil.copytree(REPO, dst, ignore=ignore)
+    return dst
+
+
+def test_current_install_exposes_only_memcomp_names(tmp_path):
+    """The environment the suite runs in (editable by scripts/setup.sh), from a directory outside the repo."""
+    import memcomp
+
+    info = _probe(sys.executable, str(tmp_path))
+    _assert_ours(info, os.path.dirname(os.path.dirname(memcomp.__file__)))
+
+
+def test_regular_install(tmp_path):
+    src = _copy_repo(str(tmp_path / "src"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                    "--target", str(target), src], check=True, capture_output=True, timeout=600)
+    assert (target / "memcomp" / "kernels" / "segment_mean_proj.py").is_file()
+    assert not (target / "kernels").exists() and not (target / "trainers").exists()
+    info = _probe(sys.executable, str(tmp_path), {"PYTHONPATH": str(target)})
+    _assert_ours(info, str(target))
+
+
+def test_editable_install(tmp_path):
+    src = _copy_repo(str(tmp_path / "src"))
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    python = str(env_dir / "bin" / "python")
+    # pip from the outer environment installs into the venv via --prefix-free `--python`.
+    res = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
+                          "--no-build-isolation", "-q", "-e", src], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and "no such option: --python" in res.stderr:
+        pytest.skip("pip too old for --python")
+    assert res.returncode == 0, res.stderr
+    info = _probe(python, str(tmp_path))
+    _assert_ours(info, src)
