@@ -252,7 +252,8 @@ def segment_mean_proj_forward(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
     normalised rows before the norm weight; empty unless ``store_mean``) and rstd [T] fp32 (empty without
     a norm).
     """
-    hidden = hidden.contiguous()
+    # Rows may be strided (the kernel takes stride_h_tok); only the feature dim must be unit-stride.
+    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
     cu = cu_seqlens.to(torch.int32).contiguous()
     T, d = hidden.shape
     n = cu.numel() - 1
@@ -278,12 +279,12 @@ def segment_mean_proj_forward(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
 def segment_mean_proj_backward(dpooled: torch.Tensor, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
                                norm_weight: Optional[torch.Tensor], rstd: torch.Tensor) -> torch.Tensor:
     """Launch the backward kernel: d(pooled) [n, d] -> d(hidden) [T, d] in hidden's dtype."""
-    hidden = hidden.contiguous()
+    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
     dpooled = dpooled.contiguous()
     cu = cu_seqlens.to(torch.int32).contiguous()
     T, d = hidden.shape
     n = cu.numel() - 1
-    dh = torch.empty_like(hidden)
+    dh = torch.empty((T, d), device=hidden.device, dtype=hidden.dtype)
     if n == 0 or T == 0:
         return dh
     has_norm = norm_weight is not None

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from memcomp.config import CompressorConfig
 from memcomp.fused import segment_mean_proj
 from memcomp.memory import Memory, MemoryMismatchError
-from memcomp.profiling import nvtx_range
+from memcomp.profiling import nvtx_first_forward, nvtx_range
 
 CONFIG_FILE = "memcomp_config.json"
 PROJECTION_FILE = "memcomp_projection.safetensors"
@@ -429,7 +429,7 @@ class MemoryCompressor(nn.Module):
         generate_kwargs.setdefault("max_new_tokens", 64)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        with nvtx_range("generate"):
+        with nvtx_range("generate"), nvtx_first_forward(self.model, "prefill"):
             out = self.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                       **generate_kwargs)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -76,6 +76,23 @@ def test_forward_and_gradients_match_reference(lengths, d, d_out, dtype, norm, b
         close_to_oracle(g, ge, go, name)
 
 
+def test_row_strided_hidden_is_read_in_place(monkeypatch):
+    """A row-strided view (e.g. a slice of a wider buffer) needs no copy and gives the same result."""
+    cu, _, (h, w, b, nw) = _inputs([5, 3, 4], 20, 8, torch.float32)
+    wide = torch.randn(h.shape[0], 32, dtype=h.dtype, device=h.device)
+    wide[:, 4:24] = h
+    view = wide[:, 4:24].requires_grad_()
+    assert not view.is_contiguous()
+    with use_backend("triton"):
+        out = segment_mean_proj(view, cu, w, b, nw)
+        out.sum().backward()
+    h2 = h.clone().requires_grad_()
+    ref = segment_mean_proj_reference(h2, cu, w, b, nw)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(view.grad, h2.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_hidden_skips_d_hidden(monkeypatch):
     cu, _, (h, w, b, nw) = _inputs([4, 4, 3], 20, 8, torch.float32)
     calls = []

@@ -52,6 +52,17 @@ def test_encode_accepts_str_ids_and_lists(make_compressor):
     torch.testing.assert_close(many[0].embeddings, a.embeddings)
 
 
+def test_empty_text_gives_an_empty_memory_the_decoder_accepts(make_compressor, wrapper="per_block"):
+    comp = make_compressor(wrapper=wrapper)
+    mem = comp.encode("")
+    assert mem.n_chunks == 0 and mem.num_tokens == 0 and mem.embeddings.shape == (0, comp.hidden_size)
+    mems = comp.encode(["", TEXTS[0]])
+    assert mems[0].n_chunks == 0 and mems[1].n_chunks > 0
+    batch = comp.build_decoder_inputs(mems, ["Go", "Go"], padding_side="right")
+    assert batch.memory_positions[0].numel() == 0
+    assert isinstance(comp.generate(mem, "Go", max_new_tokens=2)[0], str)
+
+
 def test_encoder_skips_lm_head_and_restores_final_norm(make_compressor):
     comp = make_compressor()
     calls = {"lm_head": 0, "norm": 0}
@@ -281,3 +292,5 @@ def test_gpu_encode_bf16_matches_naive(base_tokenizer):
     ref = naive_encode(comp, comp.tokenize(text).cuda())
     rel = (mem.embeddings.float() - ref.float()).norm() / ref.float().norm()
     assert rel < 2e-2
+    # NVTX ranges (encode, pool, generate, prefill) on a real device: balanced and harmless.
+    assert len(comp.generate(mem, "Go", max_new_tokens=3)) == 1

@@ -42,6 +42,8 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert main(["demo", "--preset", "smoke", f"out_dir={json.dumps(str(out))}"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["losses"]) == 6
+    assert len(summary["reconstruction_losses"]) == 6 and len(summary["lm_losses"]) == 6
+    assert isinstance(summary["memory_carries_information"], bool)
     for key in ("memory_token_accuracy", "control_token_accuracy", "memory_rouge_l", "control_rouge_l"):
         assert 0.0 <= summary["eval"][key] <= 1.0
     assert (out / "loss.png").stat().st_size > 1000
