@@ -2,8 +2,12 @@
 plain `pytest` stays fast. On a CPU the same code runs tiny smoke shapes (Triton in its interpreter)."""
 
 import os
+import sys
 
 import torch
+
+# Benchmark helpers (benchutil) sit beside this file; the suite runs with --import-mode=importlib.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

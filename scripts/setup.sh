@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set-up on a fresh machine: everything the demo and the tests need, idempotent and quiet when done.
+# Set-up on a fresh machine: everything the demo and the tests need. Safe to re-run.
 # - No torch yet: install torch==2.13.0 (a CPU build on these CPU machines, no CUDA wheels pulled).
 #   A torch already there (the user's CUDA build on a GPU machine) is kept.
-# - memcomp itself, editable, with the dev extra (pytest, pytest-benchmark, matplotlib, ruff).
+# - memcomp from THIS checkout, editable, with the dev extra (pytest, pytest-benchmark, matplotlib,
+#   ruff). Always re-run: a memcomp installed from another checkout must not be the one tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -10,8 +11,10 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "memcomp setup: installing torch==2.13.0"
   "$PY" -m pip install -q torch==2.13.0
 fi
-if ! "$PY" -c "import memcomp, pytest, pytest_benchmark, matplotlib, triton, transformers, liger_kernel" >/dev/null 2>&1 \
-   || [ pyproject.toml -nt "$("$PY" -c 'import memcomp,os;print(os.path.dirname(memcomp.__file__))' 2>/dev/null || echo /nonexistent)" ]; then
-  echo "memcomp setup: pip install -e .[dev]"
-  "$PY" -m pip install -q -e ".[dev]"
-fi
+"$PY" -m pip install -q -e ".[dev]" 2>&1 | grep -v "Running pip as the 'root' user" || true
+"$PY" - <<'PY'
+import os, memcomp
+here = os.path.realpath("memcomp")
+got = os.path.realpath(os.path.dirname(memcomp.__file__))
+assert got == here, f"memcomp imports from {got}, not this checkout ({here})"
+PY

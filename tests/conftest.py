@@ -6,8 +6,14 @@ bf16 wrongly, so CPU tests use fp32/fp16 and bf16 tests are GPU-only.
 """
 
 import os
+import sys
 
 import torch
+
+# Test helpers live in tests/_support (imported as `testutil`). Only that folder goes on sys.path: with
+# --import-mode=importlib the test folders themselves never do, so tests/memcomp and tests/kernels cannot
+# shadow the installed memcomp or look like Hugging Face's `kernels` package to transformers.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_support"))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -51,6 +51,21 @@ def _copy_repo(dst: str) -> str:
     return dst
 
 
+def test_test_process_sees_no_generic_names():
+    """Inside the test run too: neither the repo's kernels/ nor tests/kernels is importable as `kernels`
+    (transformers probes for Hugging Face's `kernels` package with find_spec)."""
+    import importlib.util
+
+    for name in ("kernels", "trainers", "memcomp"):
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue
+        locations = list(spec.submodule_search_locations or []) + [spec.origin or ""]
+        assert not any(os.path.join(REPO, "tests") in str(p) for p in locations), (name, locations)
+        if name != "memcomp":
+            assert not any(os.path.realpath(str(p)).startswith(REPO) for p in locations), (name, locations)
+
+
 def test_current_install_exposes_only_memcomp_names(tmp_path):
     """The environment the suite runs in (editable by scripts/setup.sh), from a directory outside the repo."""
     import memcomp

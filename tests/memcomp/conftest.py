@@ -1,4 +1,4 @@
-"""Tiny random models and a locally trained tokenizer: nothing is downloaded."""
+"""A locally trained tokenizer and a factory of tiny random compressors: nothing is downloaded."""
 
 import copy
 

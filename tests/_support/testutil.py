@@ -1,4 +1,4 @@
-"""Helpers shared by the test tiers (imported as ``testutil``; tests/ is on sys.path via its conftest)."""
+"""Helpers shared by the test tiers (imported as ``testutil``; tests/conftest.py puts tests/_support on sys.path)."""
 
 import torch
 
