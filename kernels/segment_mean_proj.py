@@ -124,6 +124,16 @@ if triton is not None:
                      mean_u.to(pooled_ptr.dtype.element_ty), mask=col_mask)
 
     @triton.jit
+    def _bwd_load_tiles(h_ptr, g_ptr, dp_row, h_off, row_mask, cols, D, inv_len):
+        """One column block of the backward: v = g * dp_i / L_i ([BLOCK_D], fp32) and the h tile (fp32)."""
+        col_mask = cols < D
+        v = tl.load(dp_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        v = v * tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * inv_len
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(h_ptr + h_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        return v, x, mask
+
+    @triton.jit
     def _segment_mean_proj_bwd_kernel(
         # inputs
         h_ptr, cu_ptr, g_ptr, rstd_ptr, dp_ptr,
@@ -154,23 +164,14 @@ if triton is not None:
                 # Sweep 1: h_t . v_i for each row (v_i = g * dp_i / L_i).
                 dot = tl.zeros([BLOCK_T], dtype=tl.float32)
                 for d0 in range(0, D, BLOCK_D):
-                    cols = d0 + offs_d
-                    col_mask = cols < D
-                    v = tl.load(dp_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-                    v = v * tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * inv_len
-                    mask = row_mask[:, None] & col_mask[None, :]
-                    x = tl.load(h_ptr + h_off[:, None] + cols[None, :], mask=mask, other=0.0)
-                    dot += tl.sum(x.to(tl.float32) * v[None, :], axis=1)
+                    v, x, mask = _bwd_load_tiles(h_ptr, g_ptr, dp_row, h_off, row_mask, d0 + offs_d, D, inv_len)
+                    dot += tl.sum(x * v[None, :], axis=1)
                 c = r * r * r * dot / D
                 # Sweep 2: dh = r v - c h.
                 for d0 in range(0, D, BLOCK_D):
                     cols = d0 + offs_d
-                    col_mask = cols < D
-                    v = tl.load(dp_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-                    v = v * tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * inv_len
-                    mask = row_mask[:, None] & col_mask[None, :]
-                    x = tl.load(h_ptr + h_off[:, None] + cols[None, :], mask=mask, other=0.0)
-                    dh = r[:, None] * v[None, :] - c[:, None] * x.to(tl.float32)
+                    v, x, mask = _bwd_load_tiles(h_ptr, g_ptr, dp_row, h_off, row_mask, cols, D, inv_len)
+                    dh = r[:, None] * v[None, :] - c[:, None] * x
                     tl.store(dh_ptr + dh_off[:, None] + cols[None, :],
                              dh.to(dh_ptr.dtype.element_ty), mask=mask)
             else:
