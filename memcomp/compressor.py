@@ -50,13 +50,15 @@ class CompressorOutput:
 class DecoderInputs:
     """A decoder batch: ``inputs_embeds [B, L, d]``, ``attention_mask [B, L]``, ``position_ids [B, L]``,
     ``labels [B, L]`` (-100 outside targets; None without targets), ``memory_positions`` (one index
-    tensor [n_b] per row: where that row's memory embeddings sit)."""
+    tensor [n_b] per row: where that row's memory embeddings sit), ``padded`` (any padding at all, known on
+    the host so the hot path needs no device sync to drop an all-ones mask)."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: Optional[torch.Tensor]
     memory_positions: list[torch.Tensor]
+    padded: bool = True
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         return {"inputs_embeds": self.inputs_embeds, "attention_mask": self.attention_mask,
@@ -382,6 +384,7 @@ class MemoryCompressor(nn.Module):
             labels[b, off:off + len(row)] = torch.tensor(label_rows[b])
             pos[b, off:off + len(row)] = torch.arange(len(row))
             memory_positions.append(torch.tensor(slots[b], dtype=torch.long) + off)
+        padded = any(len(r) != L for r in rows)
         ids, attn, labels, pos = (t.to(device) for t in (ids, attn, labels, pos))
         embeds = self.model.get_input_embeddings()(ids)
         batch_idx = torch.cat([torch.full((len(s),), b, dtype=torch.long) for b, s in enumerate(slots)])
@@ -389,7 +392,7 @@ class MemoryCompressor(nn.Module):
         if slot_idx.numel():
             values = torch.cat(mems).to(device=device, dtype=embeds.dtype)
             embeds = embeds.index_put((batch_idx.to(device), slot_idx.to(device)), values)
-        return DecoderInputs(embeds, attn, pos, labels if targets is not None else None, memory_positions)
+        return DecoderInputs(embeds, attn, pos, labels if targets is not None else None, memory_positions, padded)
 
     def forward(self, instructions: Sequence[TextOrIds], targets: Sequence[TextOrIds], *,
                 contexts: Optional[Sequence[TextOrIds]] = None,
@@ -404,7 +407,7 @@ class MemoryCompressor(nn.Module):
         batch = self.build_decoder_inputs(memories, instructions, targets, padding_side="right",
                                           append_eos=append_eos)
         with nvtx_range("decoder"):
-            mask = None if bool(batch.attention_mask.all()) else batch.attention_mask
+            mask = batch.attention_mask if batch.padded else None
             hidden = self.base(inputs_embeds=batch.inputs_embeds, attention_mask=mask,
                                position_ids=batch.position_ids, use_cache=False).last_hidden_state
         with nvtx_range("loss"):

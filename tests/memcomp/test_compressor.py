@@ -132,6 +132,9 @@ def test_decoder_inputs_layout(make_compressor, wrapper):
             torch.testing.assert_close(batch.inputs_embeds[b, p], emb.weight[E])
         torch.testing.assert_close(batch.inputs_embeds[b, off + block:], emb(inst_ids))
     assert batch.labels is None
+    assert batch.padded
+    same = comp.build_decoder_inputs([mems[0], mems[0]], [inst[0], inst[0]])
+    assert not same.padded and bool(same.attention_mask.all())
 
 
 def test_training_labels_and_loss_match_full_logits(make_compressor):
