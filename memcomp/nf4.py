@@ -1,0 +1,110 @@
+"""NF4Weight: a frozen 4-bit NormalFloat weight in bitsandbytes' byte layout (see
+``memcomp.kernels.nf4_dequantize`` for the format), convertible to and from bitsandbytes' QuantState."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from memcomp.kernels.nf4_dequantize import (
+    NESTED_BLOCKSIZE,
+    NF4_CODE,
+    nf4_dequantize,
+    nf4_quantize_reference,
+    quantize_absmax_nested,
+)
+
+
+@dataclass
+class NF4Weight:
+    """``packed`` uint8 [ceil(n / 2)]; ``absmax`` fp32 [n_blocks], or uint8 codes [n_blocks] with the
+    nested state (``absmax2`` fp32 [ceil(n_blocks / 256)], ``code2`` fp32 [256], ``offset`` fp32 scalar);
+    ``shape`` and ``dtype`` of the original weight."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    absmax2: Optional[torch.Tensor] = None
+    code2: Optional[torch.Tensor] = None
+    offset: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        if len(self.shape) != 2:
+            raise ValueError(f"NF4Weight holds a 2-D [out, in] weight, got shape {tuple(self.shape)}")
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.packed, self.absmax, self.absmax2, self.code2, self.offset) if t is not None]
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        move = lambda t: None if t is None else t.to(device)
+        return NF4Weight(move(self.packed), move(self.absmax), self.shape, self.dtype, self.blocksize,
+                         move(self.absmax2), move(self.code2), move(self.offset))
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return nf4_dequantize(self.packed, self.absmax, tuple(self.shape), self.blocksize, dtype or self.dtype,
+                              self.absmax2, self.code2, self.offset, out=out)
+
+    # -- bitsandbytes interop ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state: Any) -> NF4Weight:
+        """From bitsandbytes' ``quantize_4bit`` output (or a ``Params4bit``'s data and quant_state)."""
+        if getattr(quant_state, "quant_type", "nf4") != "nf4":
+            raise ValueError(f"only NF4 is supported, got quant_type={quant_state.quant_type!r}")
+        if packed.dtype != torch.uint8:
+            packed = packed.view(torch.uint8)
+        nested = bool(getattr(quant_state, "nested", False))
+        if nested and quant_state.state2.blocksize != NESTED_BLOCKSIZE:
+            raise ValueError(f"nested absmax blocksize {quant_state.state2.blocksize} is not {NESTED_BLOCKSIZE}")
+        return cls(packed.reshape(-1), quant_state.absmax, torch.Size(quant_state.shape), quant_state.dtype,
+                   quant_state.blocksize, quant_state.state2.absmax if nested else None,
+                   quant_state.state2.code if nested else None, quant_state.offset if nested else None)
+
+    def to_bnb(self) -> tuple[torch.Tensor, Any]:
+        """-> (packed [ceil(n / 2), 1] uint8, ``bitsandbytes.functional.QuantState``)."""
+        try:
+            from bitsandbytes.functional import QuantState
+        except ImportError as exc:
+            raise ImportError("NF4Weight.to_bnb needs bitsandbytes: pip install 'memcomp[bnb]'") from exc
+        state2 = (QuantState(absmax=self.absmax2, code=self.code2, blocksize=NESTED_BLOCKSIZE,
+                             dtype=torch.float32) if self.nested else None)
+        qs = QuantState(absmax=self.absmax, shape=self.shape, code=NF4_CODE.to(self.device),
+                        blocksize=self.blocksize, quant_type="nf4", dtype=self.dtype, offset=self.offset,
+                        state2=state2)
+        return self.packed.reshape(-1, 1), qs
+
+
+def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """``weight [N, K]`` (fp32 / fp16 / bf16, any device) -> ``NF4Weight`` in bitsandbytes' layout."""
+    if weight.dim() != 2:
+        raise ValueError(f"nf4_quantize expects a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"nf4_quantize expects a floating-point weight, got {weight.dtype}")
+    with torch.no_grad():
+        packed, absmax = nf4_quantize_reference(weight.detach(), blocksize)
+        if not double_quant:
+            return NF4Weight(packed, absmax, weight.shape, weight.dtype, blocksize)
+        q, absmax2, code2, offset = quantize_absmax_nested(absmax)
+    return NF4Weight(packed, q, weight.shape, weight.dtype, blocksize, absmax2, code2, offset)
+
+
+def nf4_dequantize_weight(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``NF4Weight`` -> dense ``[N, K]`` in ``dtype`` (default: the original dtype)."""
+    return q.dequantize(dtype)
