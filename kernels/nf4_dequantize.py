@@ -80,10 +80,10 @@ if triton is not None:
     def _nf4_dequantize_fwd_kernel(
         # inputs
         packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-        # output
-        out_ptr,
+        # output (rows of K elements, row stride stride_out_row: a view into a wider buffer is fine)
+        out_ptr, stride_out_row,
         # sizes
-        n_elements,
+        n_elements, K,
         # compile-time
         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr,
     ):
@@ -103,7 +103,9 @@ if triton is not None:
             a = a + tl.load(offset_ptr)
         else:
             a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-        tl.store(out_ptr + elem, (vals * a).to(out_ptr.dtype.element_ty), mask=mask)
+        row = elem // K
+        tl.store(out_ptr + row * stride_out_row + (elem - row * K), (vals * a).to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,7 +137,8 @@ def nf4_dequantize_forward(packed: torch.Tensor, absmax: torch.Tensor, shape: tu
                            dtype: torch.dtype, absmax2: Optional[torch.Tensor] = None,
                            code2: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Launch the dequantize kernel; ``out`` (contiguous, ``shape``) may be a reused scratch buffer."""
+    """Launch the dequantize kernel. ``out`` may be a reused scratch buffer or a row-strided view into a
+    wider one (unit stride along the last dim)."""
     n = 1
     for s in shape:
         n *= s
@@ -143,6 +146,11 @@ def nf4_dequantize_forward(packed: torch.Tensor, absmax: torch.Tensor, shape: tu
         out = torch.empty(shape, device=packed.device, dtype=dtype)
     if n == 0:
         return out
+    if tuple(out.shape) != tuple(shape) or (out.dim() > 1 and out.stride(-1) != 1) or out.device != packed.device:
+        raise ValueError(f"nf4: out must be {tuple(shape)} on {packed.device} with unit stride along the last "
+                         f"dim, got {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    K = shape[-1]
+    row_stride = out.stride(0) if out.dim() > 1 else K
     code = NF4_CODE.to(packed.device)
     nested = absmax2 is not None
     block_bytes = 1024
@@ -151,8 +159,8 @@ def nf4_dequantize_forward(packed: torch.Tensor, absmax: torch.Tensor, shape: tu
         packed.reshape(-1), code, absmax.reshape(-1),
         absmax2 if nested else code, code2 if nested else code,
         offset.reshape(1).float() if nested else code,
-        out,
-        n,
+        out, row_stride,
+        n, K,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCK_BYTES=block_bytes,
         num_warps=4,
     )

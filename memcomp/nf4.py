@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from memcomp.kernels.nf4_dequantize import (
     NESTED_BLOCKSIZE,
@@ -108,3 +109,39 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 def nf4_dequantize_weight(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``NF4Weight`` -> dense ``[N, K]`` in ``dtype`` (default: the original dtype)."""
     return q.dequantize(dtype)
+
+
+def nf4_lora_linear(x: torch.Tensor, w: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                    bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
+    """``x [..., K]`` -> ``[..., N]``: ``x @ dequant(W)^T + scaling * dropout(x) @ A^T @ B^T (+ bias)``.
+
+    ``w`` is frozen; gradients flow to ``x``, ``lora_A [r, K]``, ``lora_B [N, r]`` and ``bias``. Dropout
+    (on the LoRA input only, as in peft) is applied when ``training`` and ``dropout_p > 0``.
+    """
+    from memcomp.kernels.nf4_lora_linear import nf4_lora_linear_raw
+
+    N, K = w.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"nf4_lora_linear: x has {x.shape[-1]} features, the weight expects K={K}")
+    if not x.is_floating_point():
+        raise TypeError(f"nf4_lora_linear: x must be floating point, got {x.dtype}")
+    if lora_A.dim() != 2 or lora_A.shape[0] < 1 or lora_A.shape[1] != K:
+        raise ValueError(f"nf4_lora_linear: lora_A must be [r >= 1, K={K}], got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"nf4_lora_linear: lora_B must be [N={N}, r={r}], got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"nf4_lora_linear: bias must be [N={N}], got {tuple(bias.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"nf4_lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+    for name, t in (("weight", w.packed), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"nf4_lora_linear: {name} is on {t.device} but x is on {x.device}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    xd2d = F.dropout(x2d, dropout_p, training=True) if (training and dropout_p > 0) else None
+    y = nf4_lora_linear_raw(x2d, xd2d, w.packed, w.absmax, w.absmax2, w.code2, w.offset, N, K, w.blocksize,
+                            lora_A, lora_B, scaling, bias)
+    return y.reshape(*lead, N)

@@ -123,6 +123,17 @@ def test_facade_dequantize_and_scratch_buffer():
     torch.testing.assert_close(nf4_dequantize(q, torch.float32), out, rtol=0, atol=0)
 
 
+def test_dequantize_into_a_row_strided_view():
+    """The fused linear dequantizes W into the left columns of a wider [N, K + r] buffer."""
+    w = _weight((12, 70), torch.float32)
+    q = nf4_quantize(w)
+    wide = torch.full((12, 70 + 5), float("nan"))
+    with use_backend("triton"):
+        q.dequantize(torch.float32, out=wide[:, :70])
+    assert torch.equal(wide[:, :70], q.dequantize(torch.float32))
+    assert torch.isnan(wide[:, 70:]).all(), "wrote outside the view"
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="2-D"):
         nf4_quantize(torch.randn(2, 3, 4))
