@@ -36,7 +36,7 @@ def recorder(request):
     from benchutil import print_table, write_results
 
     if rows:
-        name = request.module.__name__.removeprefix("bench_")
+        name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("bench_")
         capture = request.config.pluginmanager.getplugin("capturemanager")
         with capture.global_and_fixture_disabled():
             print_table(name, rows, request.module.COLUMNS)
