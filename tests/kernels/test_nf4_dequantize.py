@@ -159,5 +159,11 @@ def test_gpu_bf16_matches_bitsandbytes_cuda(double_quant):
     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     q = nf4_quantize(w, double_quant=double_quant)
     assert torch.equal(q.packed, packed.reshape(-1))
+    if double_quant:
+        assert torch.equal(q.offset, state.offset) and torch.equal(q.absmax2, state.state2.absmax)
+        _, raw_absmax = nf4k.nf4_quantize_reference(w, 64)
+        _nested_codes_match(q.absmax.cpu(), state.absmax.cpu(), raw_absmax.cpu())
+    else:
+        assert torch.equal(q.absmax, state.absmax)
     assert torch.equal(NF4Weight.from_bnb(packed, state).dequantize(), bnbF.dequantize_4bit(packed, state))
 
