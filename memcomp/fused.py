@@ -7,9 +7,10 @@ Every op dispatches per call between its Triton kernel and its eager reference (
 """
 
 from memcomp.kernels.backend import BACKENDS, current_backend, use_backend
+from memcomp.kernels.packed_attention import packed_attention
 from memcomp.kernels.segment_mean_proj import segment_mean_proj, segment_mean_proj_reference
 from memcomp.nf4 import NF4Weight, nf4_lora_linear, nf4_quantize
 from memcomp.nf4 import nf4_dequantize_weight as nf4_dequantize
 
 __all__ = ["BACKENDS", "current_backend", "use_backend", "segment_mean_proj", "segment_mean_proj_reference",
-           "NF4Weight", "nf4_quantize", "nf4_dequantize", "nf4_lora_linear"]
+           "NF4Weight", "nf4_quantize", "nf4_dequantize", "nf4_lora_linear", "packed_attention"]

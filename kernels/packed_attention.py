@@ -1,0 +1,406 @@
+r"""packed_attention: attention within segments of a packed batch (varlen flash attention), GQA.
+
+    out[t, h] = sum_{s in seg(t), s <= t if causal} softmax_s(scale * q[t, h] . k[s, h // G]) v[s, h // G]
+
+Shapes: q [T, Hq, D], k and v [T, Hkv, D] with Hq = G * Hkv, cu_seqlens [n + 1] int32 -> out [T, Hq, D].
+Online softmax in fp32; a T x T mask is never materialised.
+
+Tiling. Query tiles run over the packed token axis, not per segment: a tile of BLOCK_M rows may span several
+segments, and its key range is the union of its rows' segments (cut at the tile's last row when causal),
+masked by per-row segment ids. For the encoder's 16-token chunks a 64-row tile holds four chunks and one
+64 x 64 key block (a per-segment grid would pad every chunk to a whole tile); for long decoder segments the
+tile lies inside one segment and this is ordinary flash attention. Backward: delta = rowsum(dO * O), then
+one kernel per key tile and KV head accumulating dK, dV over the query heads of its group (no atomics),
+and one kernel per query tile for dQ.
+
+No GPU has timed this yet (bench/bench_packed_attention.py compares it with flash-attn varlen,
+FlexAttention and the SDPA loop).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from memcomp.kernels.backend import resolve
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+__all__ = ["packed_attention", "packed_attention_reference", "packed_attention_flex", "segment_ids"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _key_range(cu_ptr, seg_ptr, first, last, CAUSAL: tl.constexpr):
+        """Keys a query tile [first, last] can see: its rows' segments, cut at ``last`` when causal."""
+        lo = tl.load(cu_ptr + tl.load(seg_ptr + first))
+        hi = tl.load(cu_ptr + tl.load(seg_ptr + last) + 1)
+        if CAUSAL:
+            hi = tl.minimum(hi, last + 1)
+        return lo, hi
+
+    @triton.jit
+    def _packed_attention_fwd_kernel(
+        # inputs
+        q_ptr, k_ptr, v_ptr, cu_ptr, seg_ptr,
+        # outputs
+        o_ptr, lse_ptr,
+        # strides
+        stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+        stride_o_tok, stride_o_head,
+        # sizes
+        T, D, GROUP, scale,
+        # compile-time
+        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        hk = h // GROUP
+        first = pid_m * BLOCK_M
+        last = tl.minimum(first + BLOCK_M, T) - 1
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        seg_q = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
+        q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q_tok + h * stride_q_head + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lo, hi = _key_range(cu_ptr, seg_ptr, first, last, CAUSAL)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            k = tl.load(k_ptr + cols[:, None].to(tl.int64) * stride_k_tok + hk * stride_k_head + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + cols[:, None].to(tl.int64) * stride_v_tok + hk * stride_v_head + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
+            keep = (seg_q[:, None] == seg_k[None, :]) & col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(o_ptr + rows[:, None].to(tl.int64) * stride_o_tok + h * stride_o_head + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + h * T + rows, m_i + tl.log(l_safe), mask=row_ok)
+
+    @triton.jit
+    def _packed_attention_bwd_dkdv_kernel(
+        # inputs
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, seg_ptr,
+        # outputs
+        dk_ptr, dv_ptr,
+        # strides (q, do and dq share a layout; k, v, dk, dv share one)
+        stride_q_tok, stride_q_head, stride_k_tok, stride_k_head,
+        # sizes
+        T, D, GROUP, scale,
+        # compile-time
+        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        hk = tl.program_id(1)
+        first = pid_n * BLOCK_N
+        last = tl.minimum(first + BLOCK_N, T) - 1
+        cols = first + tl.arange(0, BLOCK_N)
+        col_ok = cols < T
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
+        kv_off = cols[:, None].to(tl.int64) * stride_k_tok + hk * stride_k_head + offs_d[None, :]
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        # Queries that can see this key tile: its keys' segments, from the first key on when causal.
+        q_lo = tl.load(cu_ptr + tl.load(seg_ptr + first))
+        if CAUSAL:
+            q_lo = first
+        q_hi = tl.load(cu_ptr + tl.load(seg_ptr + last) + 1)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            for m0 in range(q_lo, q_hi, BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < q_hi
+                q_off = rows[:, None].to(tl.int64) * stride_q_tok + h * stride_q_head + offs_d[None, :]
+                q_mask = row_ok[:, None] & d_ok[None, :]
+                q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
+                do = tl.load(do_ptr + q_off, mask=q_mask, other=0.0)
+                lse = tl.load(lse_ptr + h * T + rows, mask=row_ok, other=0.0)
+                delta = tl.load(delta_ptr + h * T + rows, mask=row_ok, other=0.0)
+                seg_q = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
+                s = tl.dot(q, tl.trans(k)) * scale
+                keep = (seg_q[:, None] == seg_k[None, :]) & row_ok[:, None] & col_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= rows[:, None])
+                p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None]) * scale
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        tl.store(dk_ptr + kv_off, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _packed_attention_bwd_dq_kernel(
+        # inputs
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, seg_ptr,
+        # output
+        dq_ptr,
+        # strides
+        stride_q_tok, stride_q_head, stride_k_tok, stride_k_head,
+        # sizes
+        T, D, GROUP, scale,
+        # compile-time
+        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        hk = h // GROUP
+        first = pid_m * BLOCK_M
+        last = tl.minimum(first + BLOCK_M, T) - 1
+        rows = first + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        q_off = rows[:, None].to(tl.int64) * stride_q_tok + h * stride_q_head + offs_d[None, :]
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + q_off, mask=q_mask, other=0.0)
+        lse = tl.load(lse_ptr + h * T + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + h * T + rows, mask=row_ok, other=0.0)
+        seg_q = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
+        lo, hi = _key_range(cu_ptr, seg_ptr, first, last, CAUSAL)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            kv_off = cols[:, None].to(tl.int64) * stride_k_tok + hk * stride_k_head + offs_d[None, :]
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+            seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
+            s = tl.dot(q, tl.trans(k)) * scale
+            keep = (seg_q[:, None] == seg_k[None, :]) & col_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None]) * scale
+            dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(dq_ptr + q_off, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Segment index of every packed row, [T] int32 (no host sync: the output size is given)."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device, dtype=torch.int32), lengths,
+                                   output_size=total)
+
+
+def _blocks(D: int) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(D))
+    # 64 x 64 tiles: four 16-token chunks per query tile; D = 128 keeps q, k, v, acc in registers at 4 warps.
+    return 64, 64, block_d
+
+
+def packed_attention_forward(q, k, v, cu_seqlens, seg, causal: bool, scale: float):
+    T, Hq, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
+    if T == 0:
+        return out, lse
+    bm, bn, bd = _blocks(D)
+    _packed_attention_fwd_kernel[(triton.cdiv(T, bm), Hq)](
+        q, k, v, cu_seqlens, seg,
+        out, lse,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        T, D, Hq // k.shape[1], scale,
+        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=4,
+    )
+    return out, lse
+
+
+def packed_attention_backward(do, q, k, v, out, lse, cu_seqlens, seg, causal: bool, scale: float):
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    do = do.contiguous()
+    # delta = rowsum(dO * O) in fp64: on rows that see one key the exact dq is 0 and ds = dp - delta is pure
+    # rounding, so delta must not add its own (fp32 doubled the dq error there).
+    delta = (do.double() * out.double()).sum(-1).float().t().contiguous()  # [Hq, T]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if T == 0:
+        return dq, dk, dv
+    bm, bn, bd = _blocks(D)
+    common = dict(CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
+    _packed_attention_bwd_dkdv_kernel[(triton.cdiv(T, bn), Hkv)](
+        q, k, v, do, lse, delta, cu_seqlens, seg,
+        dk, dv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        T, D, Hq // Hkv, scale, **common)
+    _packed_attention_bwd_dq_kernel[(triton.cdiv(T, bm), Hq)](
+        q, k, v, do, lse, delta, cu_seqlens, seg,
+        dq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        T, D, Hq // Hkv, scale, **common)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("memcomp::packed_attention", mutates_args=())
+def _packed_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    seg = segment_ids(cu_seqlens, q.shape[0])
+    return packed_attention_forward(q, k, v, cu_seqlens, seg, causal, scale)
+
+
+@_packed_attention_op.register_fake
+def _(q, k, v, cu_seqlens, causal, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("memcomp::packed_attention_backward", mutates_args=())
+def _packed_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seg = segment_ids(cu_seqlens, q.shape[0])
+    return packed_attention_backward(do, q, k, v, out, lse, cu_seqlens, seg, causal, scale)
+
+
+@_packed_attention_backward_op.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, causal, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _packed_attention_backward_op(dout, q, k, v, out, lse, cu_seqlens, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_packed_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Other backends: the eager reference (oracle and CPU fallback), FlexAttention, flash-attn
+# ----------------------------------------------------------------------------------------------------
+
+def packed_attention_reference(q, k, v, cu_seqlens, causal: bool = True, scale: Optional[float] = None):
+    """Per-segment PyTorch SDPA (math), one call per segment. Differentiable."""
+    G = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))            # [H, L, D]
+        ks, vs = ks.repeat_interleave(G, 0), vs.repeat_interleave(G, 0)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale).transpose(0, 1))
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
+def packed_attention_flex(q, k, v, cu_seqlens, causal: bool = True, scale: Optional[float] = None):
+    """PyTorch FlexAttention with a document block mask (GQA through enable_gqa)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = q.shape[0]
+    seg = segment_ids(cu_seqlens, T)
+
+    def mask_mod(b, h, qi, ki):
+        same = seg[qi] == seg[ki]
+        return same & (ki <= qi) if causal else same
+
+    block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+    out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                         block_mask=block_mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def packed_attention_flash_attn(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True,
+                                scale: Optional[float] = None):
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as exc:
+        raise ImportError("packed_attention(impl='flash_attn') needs flash-attn: pip install 'memcomp[flash]'") from exc
+    cu = cu_seqlens.to(torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------
+
+IMPLS = ("auto", "triton", "reference", "flex", "flash_attn")
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: Optional[int] = None, causal: bool = True, softmax_scale: Optional[float] = None,
+                     *, impl: str = "auto") -> torch.Tensor:
+    """Attention within each segment of a packed batch. ``impl``: "auto" (the dispatcher: Triton on CUDA or
+    when forced, else the reference), or one backend by name: "triton", "reference", "flex", "flash_attn"."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"packed_attention: q, k, v must be [T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    T, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != T or k.shape[2] != D:
+        raise ValueError(f"packed_attention: k and v must be [T={T}, Hkv, D={D}], got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if Hq % k.shape[1]:
+        raise ValueError(f"packed_attention: Hq={Hq} is not a multiple of Hkv={k.shape[1]}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError("packed_attention: cu_seqlens must be a 1-D int32 tensor [n + 1]")
+    for name, t in (("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if t.device != q.device:
+            raise ValueError(f"packed_attention: {name} is on {t.device} but q is on {q.device}")
+    if impl not in IMPLS:
+        raise ValueError(f"packed_attention: impl must be one of {IMPLS}, got {impl!r}")
+    scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5
+    if impl == "auto":
+        impl = resolve("packed_attention", q, k, v)
+    if impl == "reference":
+        return packed_attention_reference(q, k, v, cu_seqlens, causal, scale)
+    if impl == "flex":
+        return packed_attention_flex(q, k, v, cu_seqlens, causal, scale)
+    if impl == "flash_attn":
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return packed_attention_flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, _ = _packed_attention_op(q, k, v, cu_seqlens.to(torch.int32), causal, scale)
+    return out
