@@ -74,6 +74,32 @@ def test_current_install_exposes_only_memcomp_names(tmp_path):
     _assert_ours(info, os.path.dirname(os.path.dirname(memcomp.__file__)))
 
 
+def test_from_the_repo_root_generic_names_step_aside():
+    """`python` started in the checkout puts it on sys.path: `import kernels` (as bitsandbytes and
+    transformers do) must not get our folder, and memcomp.kernels must still work."""
+    probe = ("import importlib, json\n"
+             "res = {}\n"
+             "for name in ('kernels', 'trainers'):\n"
+             "    try:\n"
+             "        m = importlib.import_module(name); res[name] = getattr(m, '__file__', None) or 'namespace'\n"
+             "    except ImportError as e:\n"
+             "        res[name] = 'ImportError: ' + str(e)\n"
+             "import memcomp.kernels, memcomp.trainers\n"
+             "res['memcomp.kernels'] = memcomp.kernels.segment_mean_proj.__module__\n"
+             "import bitsandbytes\n"
+             "print(json.dumps(res))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("kernels", "trainers"):
+        got = res[name]
+        assert got.startswith("ImportError") or not os.path.realpath(got).startswith(REPO), (name, got)
+    assert res["memcomp.kernels"] == "memcomp.kernels.segment_mean_proj"
+    assert "cannot import name" not in out.stderr, out.stderr  # what bitsandbytes said when it got our folder
+
+
 def test_regular_install(tmp_path):
     src = _copy_repo(str(tmp_path / "src"))
     target = tmp_path / "site"
