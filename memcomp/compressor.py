@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from memcomp.config import CompressorConfig
 from memcomp.fused import segment_mean_proj
 from memcomp.memory import Memory, MemoryMismatchError
+from memcomp.packing import PackedBatch
 from memcomp.profiling import nvtx_first_forward, nvtx_range
 
 CONFIG_FILE = "memcomp_config.json"
@@ -419,6 +420,43 @@ class MemoryCompressor(nn.Module):
         if n == 0:
             raise ValueError("forward: no target tokens in the batch")
         return CompressorOutput(token_losses.mean(), token_losses, n)
+
+    def forward_packed(self, batch: PackedBatch) -> CompressorOutput:
+        """Training forward over one packed row (``memcomp.packing``): encoder over all chunks (packed
+        attention, one segment per chunk) -> fused norm + mean + projection -> embeddings written at the
+        placeholder slots -> decoder over all samples (packed attention, one segment per sample) -> loss on
+        the target rows only (fused linear cross-entropy, no [T, vocab] logits). ``token_losses`` follow
+        ``batch.target_rows``."""
+        from memcomp.attention import packed_attention_mode
+        from memcomp.loss import linear_cross_entropy
+
+        batch = batch.to(self.device)
+        embed = self.model.get_input_embeddings()
+        with packed_attention_mode(self.model):
+            embeds = embed(batch.dec_input_ids)
+            if batch.n_chunks:
+                cu = batch.enc_cu_seqlens
+                with nvtx_range("encode"), self._without_final_norm() as norm:
+                    hidden = self.base(input_ids=batch.enc_input_ids[None], position_ids=batch.enc_position_ids[None],
+                                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.enc_max_seqlen,
+                                       max_length_k=batch.enc_max_seqlen, use_cache=False).last_hidden_state[0]
+                    with nvtx_range("pool"):
+                        memory = segment_mean_proj(hidden, cu, self.projection.weight, self.projection.bias,
+                                                   norm.weight, _eps_of(norm), check_inputs=False)
+                embeds = embeds.index_put((batch.memory_slots,), memory.to(embeds.dtype))
+            cu = batch.dec_cu_seqlens
+            with nvtx_range("decoder"):
+                hidden = self.base(inputs_embeds=embeds[None], position_ids=batch.dec_position_ids[None],
+                                   cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.dec_max_seqlen,
+                                   max_length_k=batch.dec_max_seqlen, use_cache=False).last_hidden_state[0]
+        with nvtx_range("loss"):
+            head = self.model.get_output_embeddings()
+            losses = linear_cross_entropy(hidden[batch.target_rows], head.weight, batch.target_ids,
+                                          getattr(head, "bias", None))
+        n = batch.target_rows.numel()
+        if n == 0:
+            raise ValueError("forward_packed: the batch has no target tokens")
+        return CompressorOutput(losses.mean(), losses, n)
 
     @torch.no_grad()
     def generate(self, memories: Union[Memory, Sequence[Union[Memory, torch.Tensor]]],
