@@ -4,7 +4,7 @@ GEMM rate measured in the same run). On a CPU: the tiny config, 2K tokens. Targe
 
 import pytest
 import torch
-from benchutil import HAS_CUDA, ceilings, sync, time_ms
+from benchutil import HAS_CUDA, NullTokenizer, ceilings, sync, time_ms
 
 from memcomp import CompressorConfig, MemoryCompressor
 from memcomp.model_configs import flops_per_token, random_model
@@ -15,30 +15,12 @@ PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
 CASES = [("qwen2.5-7b", 122_880, 16, 512)] if HAS_CUDA else [("tiny", 2048, 16, 32)]
 
 
-class _NullTokenizer:
-    """encode() is given token ids here; the compressor only needs the special-token plumbing."""
-
-    def __init__(self, vocab):
-        self.vocab = vocab
-        self.pad_token_id = 0
-        self.eos_token_id = 0
-
-    def add_tokens(self, tokens, special_tokens=True):
-        return 0
-
-    def convert_tokens_to_ids(self, token):
-        return self.vocab - 2 if token == "<MEM_START>" else self.vocab - 1
-
-    def __len__(self):
-        return self.vocab
-
-
 @pytest.mark.parametrize("name,tokens,C,cpb", CASES)
 def test_encode_throughput(benchmark, recorder, name, tokens, C, cpb):
     device = "cuda" if HAS_CUDA else "cpu"
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     model = random_model(name, device=device, dtype=dtype)
-    comp = MemoryCompressor.from_base(model, _NullTokenizer(model.config.vocab_size),
+    comp = MemoryCompressor.from_base(model, NullTokenizer(model.config.vocab_size),
                                       CompressorConfig(chunk_size=C, chunks_per_batch=cpb, progress=False))
     ids = torch.randint(0, model.config.vocab_size - 2, (tokens,))
 

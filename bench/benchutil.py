@@ -121,3 +121,22 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+class NullTokenizer:
+    """For benchmarks on token ids (no tokenizer for random-weight models): the last two ids are the MEM
+    tokens, id 0 pads."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.pad_token_id = 0
+        self.eos_token_id = 0
+
+    def add_tokens(self, tokens, special_tokens=True):
+        return 0
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab - 2 if token == "<MEM_START>" else self.vocab - 1
+
+    def __len__(self):
+        return self.vocab
