@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from memcomp.kernels._validate import check_cu_seqlens
 from memcomp.kernels.backend import resolve
 
 try:
@@ -371,9 +372,11 @@ IMPLS = ("auto", "triton", "reference", "flex", "flash_attn")
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: Optional[int] = None, causal: bool = True, softmax_scale: Optional[float] = None,
-                     *, impl: str = "auto") -> torch.Tensor:
+                     *, impl: str = "auto", check_inputs: bool = True) -> torch.Tensor:
     """Attention within each segment of a packed batch. ``impl``: "auto" (the dispatcher: Triton on CUDA or
-    when forced, else the reference), or one backend by name: "triton", "reference", "flex", "flash_attn"."""
+    when forced, else the reference), or one backend by name: "triton", "reference", "flex", "flash_attn".
+    ``check_inputs=False`` skips the value check of ``cu_seqlens`` (a host sync on a GPU); memcomp's own
+    callers pass it with collator-built segments."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"packed_attention: q, k, v must be [T, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -390,6 +393,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             raise ValueError(f"packed_attention: {name} is on {t.device} but q is on {q.device}")
     if impl not in IMPLS:
         raise ValueError(f"packed_attention: impl must be one of {IMPLS}, got {impl!r}")
+    if check_inputs and not torch.compiler.is_compiling():  # a value check cannot be traced
+        check_cu_seqlens(cu_seqlens, T)
     scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5
     if impl == "auto":
         impl = resolve("packed_attention", q, k, v)

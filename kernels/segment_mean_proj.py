@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from memcomp.kernels._validate import check_cu_seqlens
 from memcomp.kernels.backend import resolve
 
 try:
@@ -226,25 +227,6 @@ def _check_tensors(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch
             raise TypeError(f"segment_mean_proj: {name} must be floating point, got {t.dtype}")
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
-    """Validate the values of ``cu_seqlens`` (one host sync if it lives on a GPU)."""
-    cu = cu_seqlens.detach().to("cpu", torch.int64)
-    if cu.numel() < 2:
-        raise ValueError("cu_seqlens must have at least 2 entries (one segment)")
-    if int(cu[0]) != 0 or int(cu[-1]) != total:
-        raise ValueError(f"cu_seqlens must run from 0 to T={total}, got {int(cu[0])} .. {int(cu[-1])}")
-    lengths = cu[1:] - cu[:-1]
-    if bool((lengths < 0).any()):
-        bad = int((lengths < 0).nonzero()[0])
-        raise ValueError(f"cu_seqlens must be non-decreasing; it decreases after entry {bad}")
-    if bool((lengths == 0).any()):
-        bad = int((lengths == 0).nonzero()[0])
-        raise ValueError(f"segment {bad} of cu_seqlens is empty (cu_seqlens[{bad}] == cu_seqlens[{bad + 1}]); "
-                         "every segment needs at least one row")
-    if total >= 2**31:
-        raise ValueError(f"T={total} rows does not fit int32 cu_seqlens")
-
-
 def segment_mean_proj_forward(hidden: torch.Tensor, cu_seqlens: torch.Tensor,
                               norm_weight: Optional[torch.Tensor], eps: float, store_mean: bool):
     """Launch the fused RMSNorm + segment-mean kernel.
@@ -414,7 +396,7 @@ def segment_mean_proj(hidden: torch.Tensor, cu_seqlens: torch.Tensor, weight: to
     callers that built it themselves (the compressor) pass False on the hot path.
     """
     _check_tensors(hidden, cu_seqlens, weight, bias, norm_weight)
-    if check_inputs:
+    if check_inputs and not torch.compiler.is_compiling():  # a value check cannot be traced
         check_cu_seqlens(cu_seqlens, hidden.shape[0])
     if resolve("segment_mean_proj", hidden, weight, bias, norm_weight) == "reference":
         return segment_mean_proj_reference(hidden, cu_seqlens, weight, bias, norm_weight, eps)

@@ -32,7 +32,7 @@ def _memcomp_packed_attention(module: torch.nn.Module, query: torch.Tensor, key:
         raise NotImplementedError("memcomp_packed attention has no attention dropout (Qwen2 trains without it)")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))           # [T, H, D]
     out = packed_attention(q, k, v, cu, kwargs.get("max_length_q"), causal=is_causal is not False,
-                           softmax_scale=scaling)
+                           softmax_scale=scaling, check_inputs=not cu.is_cuda)
     return out[None], None
 
 

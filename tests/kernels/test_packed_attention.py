@@ -118,6 +118,9 @@ def test_bad_inputs():
         (dict(cu_seqlens=cu.float()), "int32"),
         (dict(k=k.to("meta"), v=v.to("meta")), "k is on meta"),
         (dict(impl="cudnn"), "impl must be one of"),
+        (dict(cu_seqlens=_cu([4, 5]).cpu()), "from 0 to T=10"),
+        (dict(cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([0, 4, 4, 10], dtype=torch.int32)), "is empty"),
     ]
     base = dict(q=q, k=k, v=v, cu_seqlens=cu)
     for override, msg in cases:
