@@ -3,13 +3,14 @@ Qwen2.5-7B projection shapes in bf16 (GB/s against the copy bandwidth: it reads 
 weight); and quantizing every linear of a Qwen2.5-7B (random bf16 weights, the real shapes) in seconds,
 against bitsandbytes' quantize_4bit. On a CPU: small smoke shapes."""
 
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from benchutil import HAS_CUDA, floor_ms, sync, time_ms
 
 from memcomp.fused import NF4Weight, nf4_quantize, use_backend
 from memcomp.model_configs import MODEL_CONFIGS
+
+bnbF = pytest.importorskip("bitsandbytes.functional")
 
 COLUMNS = ["what", "shape", "impl", "median_ms", "p20_ms", "p80_ms", "GB/s", "floor_frac", "total_s"]
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -53,6 +53,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ttft(args: argparse.Namespace) -> int:
+    from memcomp.ttft import TTFTConfig, format_table, parse_lengths, run_ttft, write_outputs
+
+    try:
+        cfg = TTFTConfig(model_config=args.model_config, lengths=parse_lengths(args.lengths),
+                         chunk_size=args.chunk_size, question_tokens=args.question_tokens, warmup=args.warmup,
+                         runs=args.runs, device=args.device, dtype=args.dtype, end_to_end=not args.no_end_to_end,
+                         out_dir=args.out)
+        from memcomp.model_configs import MODEL_CONFIGS
+
+        if cfg.model_config not in MODEL_CONFIGS:
+            raise ValueError(f"unknown model config {cfg.model_config!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+    except ValueError as exc:
+        print(f"memcomp bench ttft: {exc}", file=sys.stderr)
+        return 2
+    result = run_ttft(cfg)
+    print()
+    print(format_table(result))
+    for kind, path in write_outputs(result, cfg.out_dir).items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
 def _info(_: argparse.Namespace) -> int:
     import platform
 
@@ -77,6 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--preset", default="tiny", help="tiny (default, ~10 min on 2 cores), small (GPU), smoke")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=2000 device=cuda")
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="benchmarks outside pytest")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    ttft = bench_sub.add_parser("ttft", help="time to first token and peak memory, full context vs memory")
+    import torch as _torch
+
+    cuda = _torch.cuda.is_available()
+    ttft.add_argument("--model-config", default="qwen2.5-7b" if cuda else "tiny",
+                      help="qwen2.5-7b, qwen2.5-32b or tiny (random weights of the real shapes)")
+    ttft.add_argument("--lengths", default="4k,8k,16k,32k,64k,120k" if cuda else "256,1k",
+                      help="context lengths, e.g. 4k,8k,120k")
+    ttft.add_argument("--chunk-size", type=int, default=16)
+    ttft.add_argument("--question-tokens", type=int, default=32)
+    ttft.add_argument("--warmup", type=int, default=3, help="warm-up runs per case (paper: 3)")
+    ttft.add_argument("--runs", type=int, default=20, help="timed runs per case (paper: 20)")
+    ttft.add_argument("--device", default="cuda" if cuda else "cpu")
+    ttft.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    ttft.add_argument("--no-end-to-end", action="store_true", help="skip the encode + prefill case")
+    ttft.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown table and PNG")
+    ttft.set_defaults(func=_bench_ttft)
     info = sub.add_parser("info", help="versions, devices, backend")
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)

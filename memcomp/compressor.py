@@ -200,13 +200,14 @@ class MemoryCompressor(nn.Module):
         return self.model.get_input_embeddings().weight.dtype
 
     def fingerprint(self) -> str:
-        """A hash of the config, the architecture and a strided sample of every parameter (bf16-rounded,
-        so fp32 and bf16 copies of the same weights agree); recomputed only after parameters change."""
+        """A hash of what determines the memory embeddings -- the chunk size, the architecture and a strided
+        sample of every parameter (bf16-rounded, so fp32 and bf16 copies of the same weights agree) -- but not
+        decoder-side choices such as the wrapper layout; recomputed only after parameters change."""
         params = list(self.named_parameters())
         key = tuple((id(p), p._version) for _, p in params)
         if key != self._fp_key:
             h = hashlib.sha256()
-            h.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            h.update(json.dumps({"chunk_size": self.config.chunk_size}).encode())
             arch = {k: getattr(self.model.config, k, None)
                     for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
             h.update(json.dumps(arch, sort_keys=True).encode())

@@ -51,6 +51,15 @@ def _copy_repo(dst: str) -> str:
     return dst
 
 
+def test_dev_extra_reference_libraries_are_installed():
+    """The tests compare against bitsandbytes and peft and skip without them on a bare GPU machine; where
+    the dev extra is installed (here, CI) they must be importable, so nothing is skipped silently."""
+    import importlib
+
+    for name in ("bitsandbytes", "peft", "pytest_benchmark", "matplotlib", "liger_kernel"):
+        importlib.import_module(name)
+
+
 def test_test_process_sees_no_generic_names():
     """Inside the test run too: neither the repo's kernels/ nor tests/kernels is importable as `kernels`
     (transformers probes for Hugging Face's `kernels` package with find_spec)."""

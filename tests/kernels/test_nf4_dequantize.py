@@ -2,12 +2,13 @@
 
 import importlib
 
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
 from memcomp.fused import NF4Weight, nf4_dequantize, nf4_quantize, use_backend
+
+bnbF = pytest.importorskip("bitsandbytes.functional")  # the reference library (in the dev extra)
+_dequantize_4bit_compute = pytest.importorskip("bitsandbytes.backends.default.ops")._dequantize_4bit_compute
 
 nf4k = importlib.import_module("memcomp.kernels.nf4_dequantize")
 

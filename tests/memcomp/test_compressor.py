@@ -197,6 +197,10 @@ def test_memory_save_load_and_mismatch_errors(make_compressor, tmp_path):
     other_chunk = Memory(torch.zeros(1, comp.hidden_size), 8, 8, mem.fingerprint)
     with pytest.raises(MemoryMismatchError, match="chunk_size"):
         comp.build_decoder_inputs([other_chunk], ["Go"])
+    # The wrapper is a decoder-side choice: the same memory reads with either layout.
+    other_layout = MemoryCompressor(comp.model, comp.tokenizer, CompressorConfig(chunk_size=4, wrapper="per_block"),
+                                    comp.projection)
+    other_layout.check_memory(mem)
     # Training the compressor changes its fingerprint: old memories are refused.
     with torch.no_grad():
         comp.projection.weight.mul_(1.5)
