@@ -4,21 +4,25 @@ transformers."""
 
 if __name__ == "kernels":  # pragma: no cover - exercised in a subprocess by tests/test_packaging.py
     # Python was started in a memcomp checkout, so this folder is on sys.path as top-level `kernels` -- the
-    # name of Hugging Face's `kernels` package, which bitsandbytes and transformers import. Step aside:
-    # load the real one if it is installed, else fail exactly like a missing package.
+    # name of Hugging Face's `kernels` package, which transformers and bitsandbytes probe for. Step aside:
+    # load the real one if it is installed; otherwise become an empty namespace-like shell (no __file__, no
+    # __version__, no submodules), which transformers reads as "not installed" and from which
+    # `from kernels import x` fails with an ordinary ImportError.
     import importlib
     import os
     import sys
 
+    _this = sys.modules["kernels"]
     _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    del sys.modules["kernels"]
     _saved = sys.path[:]
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _checkout]
+    del sys.modules["kernels"]
     try:
         sys.modules["kernels"] = importlib.import_module("kernels")
-    except ImportError as _exc:
-        raise ModuleNotFoundError("No module named 'kernels' (the 'kernels' folder of this memcomp checkout is "
-                                  "memcomp.kernels, not Hugging Face's kernels package)", name="kernels") from _exc
+    except ImportError:
+        sys.modules["kernels"] = _this
+        __file__ = None
+        __path__ = []
     finally:
         sys.path[:] = _saved
 else:

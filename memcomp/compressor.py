@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -38,9 +38,10 @@ TokenIds = Union[torch.Tensor, Sequence[int]]
 TextOrIds = Union[str, TokenIds]
 
 
-@dataclass
-class CompressorOutput:
-    """``loss``: mean over target tokens; ``token_losses``: one per target token, in batch order."""
+class CompressorOutput(NamedTuple):
+    """``loss``: mean over target tokens; ``token_losses``: one per target token, in batch order.
+    (A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 hooks the tensors of a module's output to re-gather
+    parameters for the backward, and it looks inside tuples, lists and dicts only.)"""
 
     loss: torch.Tensor
     token_losses: torch.Tensor
@@ -396,12 +397,18 @@ class MemoryCompressor(nn.Module):
             embeds = embeds.index_put((batch_idx.to(device), slot_idx.to(device)), values)
         return DecoderInputs(embeds, attn, pos, labels if targets is not None else None, memory_positions, padded)
 
-    def forward(self, instructions: Sequence[TextOrIds], targets: Sequence[TextOrIds], *,
+    def forward(self, instructions: Union[Sequence[TextOrIds], PackedBatch],
+                targets: Optional[Sequence[TextOrIds]] = None, *,
                 contexts: Optional[Sequence[TextOrIds]] = None,
                 memories: Optional[Sequence[Union[Memory, torch.Tensor]]] = None,
                 append_eos: bool = True) -> CompressorOutput:
         """LM loss on the target tokens only, given either raw ``contexts`` (encoded here, with gradients
-        through the encoder) or precomputed ``memories``. The LM head runs on target rows only."""
+        through the encoder) or precomputed ``memories``. The LM head runs on target rows only. Given a
+        ``PackedBatch`` instead, this is ``forward_packed`` (the entry point DeepSpeed's engine calls)."""
+        if isinstance(instructions, PackedBatch):
+            return self.forward_packed(instructions)
+        if targets is None:
+            raise ValueError("forward needs targets (or a PackedBatch)")
         if (contexts is None) == (memories is None):
             raise ValueError("forward needs exactly one of contexts= or memories=")
         if contexts is not None:

@@ -36,3 +36,13 @@ def close_to_oracle():
     from testutil import assert_close_to_oracle
 
     return assert_close_to_oracle
+
+
+@pytest.fixture(scope="session")
+def base_tokenizer():
+    """A small BPE tokenizer trained on testutil.TEXTS (nothing downloaded)."""
+    from testutil import TEXTS
+
+    from memcomp.demo.tokenizer import train_tokenizer
+
+    return train_tokenizer(TEXTS * 4, vocab_size=320)

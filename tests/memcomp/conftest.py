@@ -4,14 +4,7 @@ import copy
 
 import pytest
 import torch
-from testutil import TEXTS, tiny_model
-
-
-@pytest.fixture(scope="session")
-def base_tokenizer():
-    from memcomp.demo.tokenizer import train_tokenizer
-
-    return train_tokenizer(TEXTS * 4, vocab_size=320)
+from testutil import tiny_model
 
 
 @pytest.fixture

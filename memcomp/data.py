@@ -1,0 +1,187 @@
+"""Training data: streaming JSONL readers, the paper's task mixtures, and a resumable sample stream.
+
+Files: ``{"text": ...}`` (documents: reconstruction, continuation, plain LM), ``{"context", "question",
+"answer"}`` (QA), ``{"text", "summary"}`` (summarization). Lines are read one at a time; a malformed line
+(bad JSON, a missing or non-string field) is counted and reported, never dropped silently, and the run fails
+once more than ``max_bad_fraction`` of the lines read are malformed (after at least 20 lines).
+
+Mixtures (seed 002, section 3.3.1): phase 1 = compression : plain LM 70 : 30, compression split
+reconstruction : continuation 50 : 50, one bridge chunk; phase 2 = compression : LM 60 : 40, compression
+split continuation 40 %, QA 27.5 %, summarization 17.5 %, reconstruction 15 %, 0-4 bridge chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from memcomp.tasks import Sample, SampleBuilder
+
+SCHEMAS = {"text": ("text",), "qa": ("context", "question", "answer"), "summary": ("text", "summary")}
+
+
+class DataError(ValueError):
+    """Bad training data: a missing file, or too many malformed lines."""
+
+
+class JsonlReader:
+    """Streams records of one schema from a JSONL file, cycling over epochs; ``position`` (epoch, line)
+    is saved in checkpoints and restored with ``seek``."""
+
+    def __init__(self, path: str, schema: str, max_bad_fraction: float = 0.01) -> None:
+        if schema not in SCHEMAS:
+            raise ValueError(f"unknown data schema {schema!r}; choose one of {', '.join(SCHEMAS)}")
+        if not os.path.isfile(path):
+            raise DataError(f"data file not found: {path}")
+        self.path, self.schema, self.fields, self.max_bad_fraction = path, schema, SCHEMAS[schema], max_bad_fraction
+        self.epoch, self.line, self.good, self.bad = 0, 0, 0, 0
+        self.bad_examples: list[str] = []
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "line": self.line, "good": self.good, "bad": self.bad}
+
+    def seek(self, position: dict[str, int]) -> None:
+        self.epoch, self.line, self.good, self.bad = (position["epoch"], position["line"], position["good"],
+                                                      position["bad"])
+
+    def _check(self, line: str) -> Optional[dict[str, Any]]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return self._reject(f"line {self.line + 1}: not JSON ({exc.msg})")
+        if not isinstance(rec, dict):
+            return self._reject(f"line {self.line + 1}: not a JSON object")
+        missing = [f for f in self.fields if not isinstance(rec.get(f), str) or not rec.get(f)]
+        if missing:
+            return self._reject(f"line {self.line + 1}: missing or empty string field(s) {missing}")
+        self.good += 1
+        return rec
+
+    def _reject(self, why: str) -> None:
+        self.bad += 1
+        if len(self.bad_examples) < 5:
+            self.bad_examples.append(why)
+        seen = self.good + self.bad
+        if seen >= 20 and self.bad / seen > self.max_bad_fraction:
+            raise DataError(f"{self.path}: {self.bad} of {seen} lines malformed (> {self.max_bad_fraction:.1%}); "
+                            f"first: {'; '.join(self.bad_examples)}")
+        return None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yielded = False
+            with open(self.path, encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    if i < self.line:
+                        continue
+                    rec = self._check(line) if line.strip() else None
+                    self.line = i + 1
+                    if rec is not None:
+                        yielded = True
+                        yield rec
+            if not yielded and self.line == 0:
+                raise DataError(f"{self.path} has no valid {self.schema} records")
+            self.epoch, self.line = self.epoch + 1, 0
+
+    def report(self) -> str:
+        return f"{os.path.basename(self.path)}: {self.good} good, {self.bad} malformed lines"
+
+
+@dataclass(frozen=True)
+class TaskMixture:
+    """``compression`` share of samples (the rest plain LM), its split over tasks, and the bridge counts."""
+
+    compression: float
+    tasks: tuple[tuple[str, float], ...]
+    bridges: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        total = sum(w for _, w in self.tasks)
+        if abs(total - 1.0) > 1e-6 or not 0.0 <= self.compression <= 1.0:
+            raise ValueError(f"task weights must sum to 1 and compression be in [0, 1], got {self.tasks}, "
+                             f"{self.compression}")
+
+    def draw(self, rng: random.Random) -> str:
+        if rng.random() >= self.compression:
+            return "lm"
+        r, acc = rng.random(), 0.0
+        for task, w in self.tasks:
+            acc += w
+            if r < acc:
+                return task
+        return self.tasks[-1][0]
+
+    def expected(self) -> dict[str, float]:
+        out = {t: self.compression * w for t, w in self.tasks}
+        out["lm"] = 1.0 - self.compression
+        return out
+
+
+PHASE_1 = TaskMixture(0.7, (("reconstruction", 0.5), ("continuation", 0.5)), bridges=(1,))
+PHASE_2 = TaskMixture(0.6, (("continuation", 0.40), ("qa", 0.275), ("summarization", 0.175),
+                            ("reconstruction", 0.15)), bridges=(0, 1, 2, 3, 4))
+SFT = TaskMixture(1.0, (("qa", 1.0),), bridges=(0,))
+MIXTURES = {"cpt1": PHASE_1, "cpt2": PHASE_2, "sft": SFT}
+
+
+@dataclass
+class SampleStream:
+    """Draws samples by the mixture from the readers; ``state()`` / ``restore()`` make it resumable."""
+
+    builder: SampleBuilder
+    mixture: TaskMixture
+    readers: dict[str, JsonlReader]
+    seed: int
+    doc_tokens: int = 512
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        needs = {"reconstruction": "text", "continuation": "text", "lm": "text", "qa": "qa",
+                 "summarization": "summary"}
+        for task in [t for t, _ in self.mixture.tasks] + (["lm"] if self.mixture.compression < 1 else []):
+            if needs[task] not in self.readers:
+                raise DataError(f"the {task} task needs a {needs[task]!r} data file ({SCHEMAS[needs[task]]})")
+        self._iters = {k: iter(r) for k, r in self.readers.items()}
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.builder.tok(text, add_special_tokens=False)["input_ids"])[: self.doc_tokens]
+
+    def next(self) -> Sample:
+        while True:
+            task = self.mixture.draw(self.rng)
+            if task in ("reconstruction", "continuation", "lm"):
+                doc = self._ids(next(self._iters["text"])["text"])
+                if task == "lm":
+                    if len(doc) >= 2:
+                        return self.builder.lm(doc)
+                elif task == "reconstruction":
+                    return self.builder.reconstruction(doc, self.rng)
+                else:
+                    n_bridge = self.rng.choice(self.mixture.bridges)
+                    if len(doc) > self.builder.chunk_size * (n_bridge + 2):
+                        return self.builder.continuation(doc, self.rng, n_bridge=n_bridge)
+            elif task == "qa":
+                rec = next(self._iters["qa"])
+                return self.builder.qa(self._ids(rec["context"]), rec["question"], self._ids(rec["answer"]))
+            else:
+                rec = next(self._iters["summary"])
+                return self.builder.summarization(self._ids(rec["text"]), self._ids(rec["summary"]), self.rng)
+
+    def take(self, n: int) -> list[Sample]:
+        return [self.next() for _ in range(n)]
+
+    def state(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "readers": {k: r.position for k, r in self.readers.items()}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        rng_state = state["rng"]
+        self.rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
+        for k, pos in state["readers"].items():
+            self.readers[k].seek(pos)
+        self._iters = {k: iter(r) for k, r in self.readers.items()}

@@ -1,0 +1,203 @@
+"""The CPT / SFT trainers: golden curve, kill-and-resume, checkpoint atomicity, LR groups, SFT's frozen
+projection, the task mixtures, bad input, and two ZeRO-3 ranks reproducing the single-process run."""
+
+import collections
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from memcomp.trainers import common
+from memcomp.trainers.cpt import main as cpt_main
+from memcomp.trainers.sft import main as sft_main
+
+from memcomp.data import PHASE_1, PHASE_2, DataError, JsonlReader, SampleStream
+from memcomp.tasks import SampleBuilder
+
+SMALL = ["steps=3", "samples_per_step=4", "save_every=0", "eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The tiny recipe's data (corpus JSONL, synthetic QA, tokenizer), prepared once."""
+    root = tmp_path_factory.mktemp("tiny")
+    common.prepare_tiny_data(common.apply_overrides(common.recipe("tiny_cpu", "cpt1"),
+                                                    [f"out_dir={json.dumps(str(root / 'cpt'))}"]))
+    return root
+
+
+def _run_dir(data_root, tmp_path, name="run"):
+    d = tmp_path / name
+    d.mkdir()
+    shutil.copytree(data_root / "data", d / "data")
+    return d
+
+
+def _losses(out_dir):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def _cpt(run, *extra):
+    assert cpt_main(["--recipe", "tiny_cpu", f"out_dir={json.dumps(str(run / 'cpt'))}", *SMALL, *extra]) == 0
+    return _losses(run / "cpt")
+
+
+def test_golden_loss_curve(data_root, tmp_path):
+    """The first steps of tiny_cpu, recorded on Python 3.11's stdlib corpus: a regression shows here."""
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("golden curve recorded on Python 3.11's standard-library corpus")
+    losses = _cpt(_run_dir(data_root, tmp_path))
+    golden = [7.681893373147036, 7.576176133266715, 7.427248273577009]
+    assert losses == pytest.approx(golden, rel=1e-4)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(data_root, tmp_path):
+    full = _cpt(_run_dir(data_root, tmp_path, "full"), "steps=4")
+    run = _run_dir(data_root, tmp_path, "resumed")
+    first = _cpt(run, "steps=4", "stop_after=2")
+    assert len(first) == 2 and os.path.isfile(run / "cpt" / "latest")
+    resumed = _cpt(run, "steps=4")
+    assert resumed[:2] == first and len(resumed) == 4
+    assert resumed == pytest.approx(full, rel=1e-6, abs=1e-7)
+
+
+def test_a_crash_mid_write_never_looks_complete(data_root, tmp_path, monkeypatch):
+    run = _run_dir(data_root, tmp_path)
+    _cpt(run, "steps=4", "stop_after=2")
+    real_save = torch.save
+
+    def crash(obj, path, *a, **k):
+        real_save(obj, path, *a, **k)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="simulated"):
+        _cpt(run, "steps=4", "stop_after=1")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (run / "cpt" / "latest").read_text() == "ckpt-0000002"      # still the last complete one
+    assert not (run / "cpt" / "ckpt-0000003").exists()
+    _cpt(run, "steps=4")                                                 # and it resumes from it
+
+
+def test_param_groups_receive_the_recipe_learning_rates(data_root, tmp_path):
+    run = _run_dir(data_root, tmp_path)
+    cfg = common.apply_overrides(common.recipe("tiny_cpu", "cpt1"), [
+        f"out_dir={json.dumps(str(run / 'cpt'))}", "fqlora=true", "lora_rank=4", "lr_lora=1e-3", "lr_full=2e-4",
+        "lr_proj=5e-3", "warmup_ratio=0.5", "steps=4"])
+    cfg = common.prepare_tiny_data(cfg)
+    comp = common.build_compressor(cfg)
+    opt, sched = common.build_optimizer(cfg, comp)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert {k: by_name[k]["lr"] for k in by_name} == pytest.approx({"lora": 1e-3 / 2, "full": 2e-4 / 2,
+                                                                     "projection": 5e-3 / 2})  # warm-up step 1 of 2
+    ids = {k: {id(p) for p in g["params"]} for k, g in by_name.items()}
+    for name, p in comp.named_parameters():
+        if not p.requires_grad:
+            continue
+        group = ("projection" if name.startswith("projection.") else
+                 "lora" if name.endswith(("lora_A", "lora_B")) else "full")
+        assert id(p) in ids[group], name
+    # A parameter's actual update follows its group's learning rate (AdamW's first step moves by ~lr).
+    p = comp.projection.weight
+    before = p.detach().clone()
+    samples = [s for s in common.build_stream(cfg, comp).take(12) if s.task != "lm"]
+    assert samples
+    comp(common.PackingCollator.from_compressor(comp, 4096)(samples)[0]).loss.backward()
+    opt.step()
+    step = (p.detach() - before).abs().max().item()
+    assert 0.5 * by_name["projection"]["lr"] < step < 1.5 * by_name["projection"]["lr"]
+
+
+def test_sft_leaves_the_projection_bit_for_bit_unchanged(data_root, tmp_path):
+    run = _run_dir(data_root, tmp_path)
+    _cpt(run, "steps=2")
+    from memcomp import MemoryCompressor
+
+    cpt = MemoryCompressor.from_pretrained(run / "cpt" / "compressor")
+    assert sft_main(["--recipe", "tiny_cpu", f"out_dir={json.dumps(str(run / 'sft'))}",
+                     f"init_from={json.dumps(str(run / 'cpt' / 'compressor'))}", "steps=2", "samples_per_step=4",
+                     "save_every=0", "eval_every=0"]) == 0
+    sft = MemoryCompressor.from_pretrained(run / "sft" / "compressor")
+    assert torch.equal(sft.projection.weight, cpt.projection.weight)
+    assert torch.equal(sft.projection.bias, cpt.projection.bias)
+    assert not torch.equal(sft.model.model.layers[0].mlp.up_proj.weight, cpt.model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_mixtures_match_the_paper():
+    for mixture, expected in ((PHASE_1, {"reconstruction": 0.35, "continuation": 0.35, "lm": 0.30}),
+                              (PHASE_2, {"continuation": 0.24, "qa": 0.165, "summarization": 0.105,
+                                         "reconstruction": 0.09, "lm": 0.40})):
+        assert mixture.expected() == pytest.approx(expected)
+        rng = random.Random(0)
+        counts = collections.Counter(mixture.draw(rng) for _ in range(40_000))
+        for task, share in expected.items():
+            assert counts[task] / 40_000 == pytest.approx(share, abs=0.01), task
+
+
+def test_phase2_stream_uses_every_task_and_bridge_count(base_tokenizer, tmp_path):
+    text, qa, summ = tmp_path / "t.jsonl", tmp_path / "q.jsonl", tmp_path / "s.jsonl"
+    words = " ".join(f"w{i}" for i in range(300))
+    text.write_text("\n".join(json.dumps({"text": words}) for _ in range(5)) + "\n")
+    qa.write_text(json.dumps({"context": words, "question": "Q?", "answer": "w1"}) + "\n")
+    summ.write_text(json.dumps({"text": words, "summary": "w0 w1"}) + "\n")
+    readers = {"text": JsonlReader(str(text), "text"), "qa": JsonlReader(str(qa), "qa"),
+               "summary": JsonlReader(str(summ), "summary")}
+    stream = SampleStream(SampleBuilder(base_tokenizer, "chatml", chunk_size=4), PHASE_2, readers, seed=0,
+                          doc_tokens=200)
+    samples = stream.take(600)
+    tasks = collections.Counter(s.task for s in samples)
+    assert set(tasks) == {"continuation", "qa", "summarization", "reconstruction", "lm"}
+    bridges = collections.Counter(s.meta["n_bridge"] for s in samples if s.task == "continuation")
+    assert set(bridges) == {0, 1, 2, 3, 4}
+
+
+def test_bad_input_gives_clear_errors(data_root, tmp_path):
+    with pytest.raises(DataError, match="data file not found"):
+        JsonlReader(str(tmp_path / "missing.jsonl"), "text")
+    bad = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(22)] + ["{not json", json.dumps({"txt": "x"}),
+                                                                    json.dumps({"text": 3})]
+    bad.write_text("\n".join(lines) + "\n")
+    reader = JsonlReader(str(bad), "text", max_bad_fraction=0.1)     # 1/23, 2/24 pass; 3/25 = 12 % fails
+    with pytest.raises(DataError, match="3 of 25 lines malformed"):
+        for _ in zip(range(25), reader):
+            pass
+    tolerant = JsonlReader(str(bad), "text", max_bad_fraction=0.2)
+    got = [r for _, r in zip(range(22), tolerant)]
+    assert len(got) == 22 and tolerant.bad == 0
+    next(iter(tolerant))  # crosses the bad lines into the next epoch
+    assert tolerant.bad == 3 and "3 malformed" in tolerant.report()
+    with pytest.raises(ValueError, match="unknown option 'stepz'"):
+        cpt_main(["--recipe", "tiny_cpu", "stepz=3"])
+    with pytest.raises(ValueError, match="expects int"):
+        cpt_main(["--recipe", "tiny_cpu", "steps=many"])
+    run = _run_dir(data_root, tmp_path)
+    plain = tmp_path / "plain_model"
+    plain.mkdir()
+    with pytest.raises(FileNotFoundError, match="not a saved MemoryCompressor"):
+        _cpt(run, f"init_from={json.dumps(str(plain))}")
+    with pytest.raises(DataError, match="data file not found"):
+        _cpt(run, f"text_file={json.dumps(str(tmp_path / 'nope.jsonl'))}")
+
+
+def test_two_zero3_ranks_reproduce_the_single_process_run_and_resume(data_root, tmp_path):
+    pytest.importorskip("deepspeed")
+    single = _cpt(_run_dir(data_root, tmp_path, "single"))
+    run = _run_dir(data_root, tmp_path, "zero3")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    for i, extra in enumerate((["stop_after=2"], [])):       # killed after step 2, then resumed
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29600 + i + os.getpid() % 300), "-m", "memcomp.trainers.cpt", "--recipe", "tiny_cpu",
+               f"out_dir={json.dumps(str(run / 'cpt'))}", *SMALL, "deepspeed=true", *extra]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert _losses(run / "cpt") == pytest.approx(single, rel=1e-5)
+    assert (run / "cpt" / "deepspeed" / "latest").read_text().strip() == "ckpt-0000003"
+    from memcomp import MemoryCompressor
+
+    assert MemoryCompressor.from_pretrained(run / "cpt" / "compressor").config.chunk_size == 4

@@ -1,0 +1,536 @@
+"""Shared helpers of the CPT and SFT trainers: recipes, setup, optimizer and schedule, checkpoints, logging,
+and the training loop. No base class: ``cpt.py`` and ``sft.py`` call ``train(config_from_cli(...))``.
+
+One step: draw ``samples_per_step`` samples from the task mixture; this rank takes samples rank::world,
+packs them into rows of at most ``max_tokens`` decoder tokens, and accumulates gradients over its rows with
+the loss normalised by the global number of target tokens (so any number of ranks gives the same update);
+clip, AdamW step, cosine schedule. Single process without DeepSpeed; ZeRO-3 through DeepSpeed when launched
+with several ranks (``deepspeed`` / ``torchrun``) or ``deepspeed=true``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from memcomp.compressor import MemoryCompressor
+from memcomp.config import CompressorConfig
+from memcomp.data import MIXTURES, DataError, JsonlReader, SampleStream
+from memcomp.fqlora import FQLoRAConfig, apply_fqlora, param_groups
+from memcomp.packing import PackingCollator
+from memcomp.profiling import nvtx_range
+from memcomp.tasks import SampleBuilder
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and recipes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str
+    stage: str                      # cpt1 | cpt2 | sft (the task mixture and the paper's stage settings)
+    # model
+    model_dir: str = ""             # a local HF model (real recipes); "" builds the tiny demo model
+    init_from: str = ""             # a saved MemoryCompressor to continue from (e.g. SFT after CPT)
+    tokenizer_dir: str = ""         # the tiny model's tokenizer (prepare_tiny_data writes one)
+    tiny_hidden: int = 256
+    tiny_layers: int = 4
+    tiny_vocab: int = 2048
+    chunk_size: int = 16
+    wrapper: str = "per_embedding"
+    prompt_format: str = "flat"
+    fqlora: bool = True
+    lora_rank: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    # data
+    text_file: str = ""
+    qa_file: str = ""
+    summary_file: str = ""
+    val_text_file: str = ""
+    val_qa_file: str = ""
+    doc_tokens: int = 512
+    max_bad_fraction: float = 0.01
+    # optimisation (Table 9)
+    steps: int = 1000
+    samples_per_step: int = 64
+    max_tokens: int = 2048
+    lr_lora: float = 1e-4
+    lr_full: float = 5e-5
+    lr_proj: float = 3e-4
+    wd_lora: float = 0.0
+    wd_full: float = 0.1
+    warmup_ratio: float = 0.04
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    freeze_projection: bool = False
+    # run
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    out_dir: str = "runs/train"
+    save_every: int = 500
+    eval_every: int = 0
+    eval_samples: int = 32
+    patience: int = 0               # early stopping: evaluations without improvement (0 = off)
+    log_every: int = 1
+    stop_after: int = 0             # end this invocation after N steps, with a checkpoint (preemptible jobs)
+    deepspeed: bool = False
+    zero_stage: int = 3
+
+    def __post_init__(self) -> None:
+        if self.stage not in MIXTURES:
+            raise ValueError(f"stage must be one of {', '.join(MIXTURES)}, got {self.stage!r}")
+        if self.steps < 1 or self.samples_per_step < 1 or self.max_tokens < 1:
+            raise ValueError("steps, samples_per_step and max_tokens must be >= 1")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+
+
+def _paper(stage: str) -> dict[str, Any]:
+    """Table 9 of seed 002, per stage."""
+    common = dict(fqlora=True, lora_rank=64, lora_alpha=16.0, lora_dropout=0.05, lr_lora=1e-4, wd_lora=0.0,
+                  wd_full=0.1, max_grad_norm=1.0, chunk_size=16, dtype="bfloat16", deepspeed=True, zero_stage=3)
+    if stage == "cpt1":
+        return {**common, "lr_full": 5e-5, "lr_proj": 3e-4, "warmup_ratio": 0.04, "min_lr_ratio": 0.1,
+                "max_tokens": 2048, "samples_per_step": 256, "prompt_format": "flat"}
+    if stage == "cpt2":
+        return {**common, "lr_full": 5e-5, "lr_proj": 2e-4, "warmup_ratio": 0.03, "min_lr_ratio": 0.02,
+                "max_tokens": 2048, "samples_per_step": 512, "prompt_format": "chatml"}
+    return {**common, "lr_full": 2e-5, "lr_proj": 0.0, "freeze_projection": True, "warmup_ratio": 0.03,
+            "min_lr_ratio": 0.1, "max_tokens": 4096, "samples_per_step": 128, "prompt_format": "chatml"}
+
+
+def recipe(name: str, stage: str) -> TrainConfig:
+    """Named recipes: ``tiny_cpu`` (the demo: a tiny model on the stdlib corpus, ~10 minutes on 2 cores),
+    ``qwen2.5-7b`` and ``qwen2.5-32b`` (the paper's hyperparameters; set ``model_dir=`` to a local model)."""
+    if name == "tiny_cpu":
+        base = dict(fqlora=False, chunk_size=4, wrapper="per_embedding", doc_tokens=48, steps=1800,
+                    samples_per_step=16, max_tokens=2048, lr_full=2e-3, lr_proj=3e-3, wd_full=0.01,
+                    warmup_ratio=50 / 1800, min_lr_ratio=0.1, dtype="float32", device="cpu", save_every=600,
+                    eval_every=300, eval_samples=32, out_dir="runs/demo/cpt", prompt_format="flat")
+        if stage == "sft":
+            base.update(steps=300, lr_full=5e-4, lr_proj=0.0, freeze_projection=True, warmup_ratio=0.03,
+                        out_dir="runs/demo/sft", eval_every=100, save_every=300, prompt_format="chatml")
+        return TrainConfig(recipe=name, stage=stage, **base)
+    if name in ("qwen2.5-7b", "qwen2.5-32b"):
+        return TrainConfig(recipe=name, stage=stage, out_dir=f"runs/{name}-{stage}", **_paper(stage))
+    raise ValueError(f"unknown recipe {name!r}; choose tiny_cpu, qwen2.5-7b or qwen2.5-32b")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``key=value`` overrides (JSON values, else strings); unknown keys are rejected."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        if key not in fields:
+            raise ValueError(f"unknown option {key!r}; known: {', '.join(sorted(fields))}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        kind = type(getattr(cfg, key))
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"option {key} expects {kind.__name__}, got {raw!r}")
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def config_from_cli(stage_default: str, argv: Optional[list[str]] = None) -> TrainConfig:
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"python -m memcomp.trainers.{'sft' if stage_default == 'sft' else 'cpt'}")
+    p.add_argument("--recipe", default="tiny_cpu")
+    p.add_argument("--stage", default=stage_default, help="cpt1 or cpt2 (cpt); sft")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value")
+    args = p.parse_args(argv)
+    return apply_overrides(recipe(args.recipe, args.stage), args.overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------------
+
+def _device(cfg: TrainConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare_tiny_data(cfg: TrainConfig) -> TrainConfig:
+    """The tiny recipe's data: stdlib docstrings as JSONL (train / held out), synthetic QA made from them,
+    and a byte-level BPE tokenizer, written under ``out_dir/../data``; returns the config pointing at them."""
+    from memcomp.demo.corpus import stdlib_passages
+    from memcomp.demo.tokenizer import train_tokenizer
+
+    data = os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "data")
+    os.makedirs(data, exist_ok=True)
+    paths = {k: os.path.join(data, f"{k}.jsonl") for k in ("train", "heldout", "qa_train", "qa_heldout")}
+    if not all(os.path.isfile(p) for p in paths.values()) or not os.path.isdir(os.path.join(data, "tokenizer")):
+        splits = stdlib_passages()
+        for split in ("train", "heldout"):
+            _write_jsonl(paths[split], [{"text": t} for t in splits[split]])
+            _write_jsonl(paths[f"qa_{split}"], synthetic_qa(splits[split], seed=cfg.seed))
+        train_tokenizer(splits["train"], cfg.tiny_vocab).save_pretrained(os.path.join(data, "tokenizer"))
+    return dataclasses.replace(
+        cfg, tokenizer_dir=cfg.tokenizer_dir or os.path.join(data, "tokenizer"),
+        text_file=cfg.text_file or paths["train"], val_text_file=cfg.val_text_file or paths["heldout"],
+        qa_file=cfg.qa_file or paths["qa_train"], val_qa_file=cfg.val_qa_file or paths["qa_heldout"])
+
+
+def synthetic_qa(texts: list[str], seed: int = 0) -> list[dict[str, str]]:
+    """Questions answerable only from the passage: which word follows a given word (its first occurrence)."""
+    rng, out = random.Random(seed), []
+    for t in texts:
+        words = t.split()[:40]
+        if len(words) < 8:
+            continue
+        i = rng.randrange(len(words) - 1)
+        i = words.index(words[i])
+        out.append({"context": " ".join(words), "question": f'Which word comes right after "{words[i]}"?',
+                    "answer": words[i + 1]})
+    return out
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def build_compressor(cfg: TrainConfig) -> MemoryCompressor:
+    device, dtype = _device(cfg), getattr(torch, cfg.dtype)
+    if cfg.init_from:
+        comp = MemoryCompressor.from_pretrained(cfg.init_from, dtype=dtype)
+    elif cfg.model_dir:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not os.path.isdir(cfg.model_dir):
+            raise FileNotFoundError(f"model_dir {cfg.model_dir!r} is not a directory (a local Hugging Face model)")
+        tok = AutoTokenizer.from_pretrained(cfg.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=dtype)
+        comp = MemoryCompressor.from_base(model, tok, CompressorConfig(chunk_size=cfg.chunk_size, wrapper=cfg.wrapper))
+    else:
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+        if not os.path.isdir(cfg.tokenizer_dir):
+            raise FileNotFoundError(f"the tiny model needs a tokenizer directory, got tokenizer_dir="
+                                    f"{cfg.tokenizer_dir!r} (prepare_tiny_data writes one)")
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer_dir)
+        torch.manual_seed(cfg.seed)
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=len(tok), hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=int(cfg.tiny_hidden * 2.75) // 8 * 8, max_position_embeddings=4096,
+            tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        comp = MemoryCompressor.from_base(model.to(dtype), tok, CompressorConfig(chunk_size=cfg.chunk_size,
+                                                                                 wrapper=cfg.wrapper))
+    if cfg.fqlora and not any(n.endswith("lora_A") for n, _ in comp.named_parameters()):
+        apply_fqlora(comp, FQLoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
+    if cfg.freeze_projection:
+        comp.projection.requires_grad_(False)
+    return comp.to(device)
+
+
+def build_stream(cfg: TrainConfig, comp: MemoryCompressor, validation: bool = False) -> SampleStream:
+    builder = SampleBuilder(comp.tokenizer, cfg.prompt_format, boxed=False, chunk_size=cfg.chunk_size)
+    files = {"text": cfg.val_text_file if validation else cfg.text_file,
+             "qa": cfg.val_qa_file if validation else cfg.qa_file,
+             "summary": "" if validation else cfg.summary_file}
+    readers = {k: JsonlReader(p, k, cfg.max_bad_fraction) for k, p in files.items() if p}
+    return SampleStream(builder, MIXTURES[cfg.stage], readers, seed=cfg.seed + (10_000 if validation else 0),
+                        doc_tokens=cfg.doc_tokens)
+
+
+def build_optimizer(cfg: TrainConfig, comp: MemoryCompressor):
+    groups = param_groups(comp, lr_lora=cfg.lr_lora, lr_full=cfg.lr_full, lr_proj=cfg.lr_proj, wd_lora=cfg.wd_lora,
+                          wd_full=cfg.wd_full)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))  # groups keep their "name" (lora / full / projection)
+    warmup = int(round(cfg.warmup_ratio * cfg.steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder and renamed, so a crash never leaves one that looks complete
+# --------------------------------------------------------------------------------------------------
+
+def save_checkpoint(out_dir: str, step: int, comp, opt, sched, stream: SampleStream, extra: dict) -> str:
+    final = os.path.join(out_dir, f"ckpt-{step:07d}")
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save({"model": comp.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"step": step, "stream": stream.state(), **extra}, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write(os.path.join(out_dir, "latest"), os.path.basename(final))
+    return final
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out_dir: str, comp, opt, sched, stream: SampleStream) -> Optional[dict]:
+    latest = os.path.join(out_dir, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        path = os.path.join(out_dir, f.read().strip())
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    comp.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    stream.restore(meta["stream"])
+    return meta
+
+
+def save_deepspeed_checkpoint(engine, out_dir: str, step: int, stream: SampleStream, extra: dict) -> None:
+    """DeepSpeed's sharded checkpoint under out_dir/deepspeed (its ``latest`` is written only after every
+    shard is), with the data position and every rank's RNG state in the client state."""
+    rng = [None] * _dist()[1]
+    torch.distributed.all_gather_object(rng, torch.get_rng_state())
+    engine.save_checkpoint(os.path.join(out_dir, "deepspeed"), tag=f"ckpt-{step:07d}",
+                           client_state={"step": step, "stream": stream.state(), "rng": rng, **extra})
+
+
+def load_deepspeed_checkpoint(engine, out_dir: str, stream: SampleStream) -> Optional[dict]:
+    root = os.path.join(out_dir, "deepspeed")
+    if not os.path.isfile(os.path.join(root, "latest")):
+        return None
+    _, client = engine.load_checkpoint(root)
+    stream.restore(client["stream"])
+    torch.set_rng_state(client["rng"][_dist()[0]])
+    return client
+
+
+def export_compressor(comp, engine, path: str) -> None:
+    """save_pretrained on rank 0; under ZeRO-3 the partitioned parameters are gathered first."""
+    if engine is not None and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(comp.parameters()), modifier_rank=None):
+            if _dist()[0] == 0:
+                comp.save_pretrained(path)
+    elif _dist()[0] == 0:
+        comp.save_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed (DeepSpeed ZeRO-3)
+# --------------------------------------------------------------------------------------------------
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(value: float, device) -> float:
+    if _dist()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+def _all_reduce_max(value: float, device) -> float:
+    if _dist()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+def setup_deepspeed(cfg: TrainConfig, comp, opt, sched):
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError("deepspeed=true needs DeepSpeed: pip install 'memcomp[deepspeed]'") from exc
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                 "gradient_clipping": cfg.max_grad_norm, "zero_optimization": {"stage": cfg.zero_stage},
+                 "bf16": {"enabled": cfg.dtype == "bfloat16"}, "fp16": {"enabled": False},
+                 "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    # Parameters the compressor reads outside their own module's forward (the final norm and projection in
+    # the fused pooling, the LM head in the fused loss): ZeRO-3 must gather them for the compressor's forward.
+    if cfg.zero_stage == 3:
+        for p in (comp.base.norm.weight, comp.model.get_output_embeddings().weight, *comp.projection.parameters()):
+            deepspeed.zero.register_external_parameter(comp, p)
+    engine, opt, _, sched = deepspeed.initialize(model=comp, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    return engine, opt, sched
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+def _step_rows(model, engine, rows, global_targets: float, n_backward: int) -> float:
+    """Forward + backward over this rank's rows, the loss normalised by the global target count; returns
+    the sum of this rank's token losses. Under DeepSpeed every rank runs ``n_backward`` micro-steps (ZeRO-3's
+    collectives need the same count everywhere): a rank with fewer rows repeats its last one at weight 0."""
+    total = 0.0
+    for i in range(n_backward):
+        row, weight = (rows[i], 1.0) if i < len(rows) else (rows[-1], 0.0)
+        out = model(row)
+        loss = out.token_losses.sum() * (weight / global_targets)
+        if engine is not None:
+            engine.set_gradient_accumulation_boundary(i == n_backward - 1)
+            engine.backward(loss)
+        else:
+            loss.backward()
+        total += weight * float(out.token_losses.detach().sum())
+    return total
+
+
+@torch.no_grad()
+def evaluate(comp, collator, samples) -> float:
+    was = comp.training
+    comp.eval()
+    total, n = 0.0, 0
+    for row in collator(samples):
+        out = comp(row)
+        total += float(out.token_losses.sum())
+        n += out.num_target_tokens
+    comp.train(was)
+    return total / max(1, n)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary with the loss curve."""
+    from tqdm.auto import tqdm
+
+    if cfg.recipe == "tiny_cpu":
+        cfg = prepare_tiny_data(cfg)
+    for name in ("text_file", "qa_file", "summary_file", "val_text_file", "val_qa_file"):
+        path = getattr(cfg, name)
+        if path and not os.path.isfile(path):          # fail before building a model
+            raise DataError(f"data file not found: {name}={path}")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    comp = build_compressor(cfg)
+    comp.train()
+    stream = build_stream(cfg, comp)
+    collator = PackingCollator.from_compressor(comp, cfg.max_tokens)
+    opt, sched = build_optimizer(cfg, comp)
+    distributed = cfg.deepspeed and (int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    engine = setup_deepspeed(cfg, comp, opt, sched)[0] if distributed else None
+    model = engine if engine is not None else comp
+    rank, world = _dist()
+    if cfg.samples_per_step < world:
+        raise ValueError(f"samples_per_step={cfg.samples_per_step} is smaller than the {world} ranks")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    meta = (load_checkpoint(cfg.out_dir, comp, opt, sched, stream) if engine is None
+            else load_deepspeed_checkpoint(engine, cfg.out_dir, stream))
+    start = meta["step"] if meta else 0
+    history: list[dict[str, Any]] = list(meta.get("history", [])) if meta else []
+    val = ([s for s in build_stream(cfg, comp, validation=True).take(cfg.eval_samples)]
+           if cfg.eval_every and (cfg.val_text_file or cfg.val_qa_file) else [])
+    best, bad_evals = (meta or {}).get("best", math.inf), (meta or {}).get("bad_evals", 0)
+    writer = _tensorboard(cfg.out_dir) if rank == 0 else None
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(range(start, cfg.steps), desc=f"memcomp {cfg.stage}", unit="step", disable=rank != 0,
+               initial=start, total=cfg.steps)
+    stopped = False
+    for step in bar:
+        if cfg.stop_after and step - start >= cfg.stop_after:
+            break
+        t0 = time.perf_counter()
+        with nvtx_range("step"):
+            rows = collator(stream.take(cfg.samples_per_step)[rank::world])
+            global_targets = _all_reduce_sum(sum(r.target_rows.numel() for r in rows), comp.device)
+            n_backward = int(_all_reduce_max(len(rows), comp.device))
+            loss = _all_reduce_sum(_step_rows(model, engine, rows, global_targets, n_backward),
+                                   comp.device) / global_targets
+            n_tok = sum(r.n_tokens + r.enc_input_ids.numel() for r in rows)
+            with nvtx_range("optimizer"):
+                if engine is not None:
+                    engine.step()
+                else:
+                    torch.nn.utils.clip_grad_norm_([p for p in comp.parameters() if p.requires_grad],
+                                                   cfg.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        rec = {"step": step + 1, "loss": loss, "tokens_per_s": _all_reduce_sum(n_tok, comp.device) / dt,
+               "lr": {g["name"]: g["lr"] for g in opt.param_groups}}
+        if val and (step + 1) % cfg.eval_every == 0:
+            rec["val_loss"] = evaluate(comp, collator, val)
+            if rec["val_loss"] < best - 1e-4:
+                best, bad_evals = rec["val_loss"], 0
+            else:
+                bad_evals += 1
+            stopped = cfg.patience > 0 and bad_evals >= cfg.patience
+        history.append(rec)
+        if rank == 0:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            if writer is not None:
+                writer.add_scalar("loss/train", loss, step + 1)
+                if "val_loss" in rec:
+                    writer.add_scalar("loss/val", rec["val_loss"], step + 1)
+        last = step + 1 == cfg.steps or stopped or (cfg.stop_after and step + 1 - start >= cfg.stop_after)
+        if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            extra = {"history": history, "best": best, "bad_evals": bad_evals}
+            if engine is not None:
+                save_deepspeed_checkpoint(engine, cfg.out_dir, step + 1, stream, extra)
+            elif rank == 0:
+                save_checkpoint(cfg.out_dir, step + 1, comp, opt, sched, stream, extra)
+        if stopped:
+            print(f"early stopping at step {step + 1}: no validation improvement in {cfg.patience} evaluations",
+                  file=sys.stderr)
+            break
+    export_compressor(comp, engine, os.path.join(cfg.out_dir, "compressor"))
+    if rank == 0:
+        metrics.close()
+        if writer is not None:
+            writer.close()
+        print(" | ".join(r.report() for r in stream.readers.values()), file=sys.stderr)
+    return {"config": dataclasses.asdict(cfg), "history": history, "compressor": comp, "stopped_early": stopped}
+
+
+def _tensorboard(out_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"))

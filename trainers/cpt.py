@@ -1,0 +1,23 @@
+"""Continual pretraining (seed 002, section 3.3.1): phase 1 (reconstruction / continuation + plain LM) or
+phase 2 (continuation, QA, summarization, reconstruction + plain LM); encoder, projection and decoder jointly.
+
+    python -m memcomp.trainers.cpt --recipe tiny_cpu                       # the demo, on a CPU
+    python -m memcomp.trainers.cpt --recipe qwen2.5-7b model_dir=/models/Qwen2.5-7B text_file=cpt.jsonl
+    deepspeed --num_gpus 8 -m memcomp.trainers.cpt --recipe qwen2.5-7b --stage cpt2 ...   # ZeRO-3
+"""
+
+import sys
+
+from memcomp.trainers.common import config_from_cli, train
+
+
+def main(argv=None) -> int:
+    cfg = config_from_cli("cpt1", argv)
+    if cfg.stage == "sft":
+        raise SystemExit("use memcomp.trainers.sft for the SFT stage")
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
