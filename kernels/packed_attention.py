@@ -325,15 +325,23 @@ _packed_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------
 
 def packed_attention_reference(q, k, v, cu_seqlens, causal: bool = True, scale: Optional[float] = None):
-    """Per-segment PyTorch SDPA (math), one call per segment. Differentiable."""
+    """PyTorch SDPA (math) per segment, with segments of equal length batched into one call (the encoder's
+    chunks are all C long, so a CPU step makes a handful of calls instead of one per chunk). Differentiable."""
     G = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
-    outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))            # [H, L, D]
-        ks, vs = ks.repeat_interleave(G, 0), vs.repeat_interleave(G, 0)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale).transpose(0, 1))
-    return torch.cat(outs) if outs else torch.empty_like(q)
+    starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    out = torch.empty_like(q)
+    by_len: dict[int, list[int]] = {}
+    for s, n in zip(starts, lengths):
+        if n:
+            by_len.setdefault(n, []).append(s)
+    for n, group in by_len.items():
+        rows = (torch.tensor(group, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+        qs, ks, vs = (t[rows].reshape(len(group), n, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(G, 1), vs.repeat_interleave(G, 1)               # [S, H, n, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        out = out.index_copy(0, rows, o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
+    return out
 
 
 def packed_attention_flex(q, k, v, cu_seqlens, causal: bool = True, scale: Optional[float] = None):

@@ -3,22 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
-
-
-def _parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"memcomp: expected key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,29 +13,33 @@ def _demo(args: argparse.Namespace) -> int:
     from memcomp.demo.run import make_config, run
 
     try:
-        cfg = make_config(args.preset, **_parse_overrides(args.overrides))
+        cfg, _ = make_config(args.preset, args.stage, args.overrides)
     except (ValueError, TypeError) as exc:
         print(f"memcomp demo: {exc}", file=sys.stderr)
         return 2
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         print("memcomp demo: device=cuda but CUDA is not available", file=sys.stderr)
         return 2
-    summary = run(cfg)
-    ev = summary["eval"]
-    print(f"\nmemcomp demo ({cfg.preset}, {summary['compression']}, {summary['parameters'] / 1e6:.1f}M params, "
-          f"{summary['total_seconds'] / 60:.1f} min)")
-    print(f"  final training loss           {summary['final_loss']:.3f} "
-          f"(reconstruction {summary['final_reconstruction_loss']:.3f})")
-    print("  held-out reconstruction        right memory   control (another passage's memory)")
-    print(f"  greedy token accuracy         {ev['memory_token_accuracy']:>10.3f}   {ev['control_token_accuracy']:.3f}")
-    print(f"  ROUGE-L F1                    {ev['memory_rouge_l']:>10.3f}   {ev['control_rouge_l']:.3f}")
-    print(f"  teacher-forced accuracy       {ev['memory_teacher_forced_accuracy']:>10.3f}   "
-          f"{ev['control_teacher_forced_accuracy']:.3f}")
-    verdict = "yes" if summary["memory_carries_information"] else "NO"
-    print(f"  memory carries information (both accuracies >= 2x control): {verdict} "
-          f"(greedy {summary['memory_vs_control_accuracy_ratio']:.1f}x, "
-          f"teacher-forced {summary['memory_vs_control_teacher_forced_ratio']:.1f}x)")
-    print(f"  wrote {cfg.out_dir}/summary.json, loss.png, compressor/")
+    if args.stage == "sft" and not os.path.isdir(cfg.init_from):
+        print(f"memcomp demo --stage sft continues from the CPT demo: {cfg.init_from} not found; run "
+              "`memcomp demo` first (or pass init_from=...)", file=sys.stderr)
+        return 2
+    s = run(args.preset, args.stage, args.overrides)
+    ev = s["eval"]
+    print(f"\nmemcomp demo, {args.stage} ({args.preset}, {s['compression']} compression, "
+          f"{s['parameters'] / 1e6:.1f}M params, {s['total_seconds'] / 60:.1f} min)")
+    by_task = ", ".join(f"{k} {v:.3f}" for k, v in sorted(s["final_task_loss"].items()))
+    print(f"  final training loss by task   {by_task}")
+    print("  held-out                       right memory   control (another passage's memory)")
+    rows = ([("greedy reconstruction accuracy", "token_accuracy"), ("ROUGE-L F1", "rouge_l"),
+             ("teacher-forced accuracy", "teacher_forced_accuracy")] if args.stage == "cpt"
+            else [("answer accuracy", "answer_accuracy")])
+    for label, key in rows:
+        print(f"  {label:<30}{ev['memory_' + key]:>11.3f}   {ev['control_' + key]:.3f}")
+    verdict = "yes" if s["memory_carries_information"] else "NO"
+    ratios = ", ".join(f"{k} {v:.1f}x" for k, v in s["memory_vs_control_ratios"].items())
+    print(f"  memory carries information (>= 2x control): {verdict} ({ratios})")
+    print(f"  wrote {s['out_dir']}/summary.json, loss.png, compressor/, metrics.jsonl, checkpoints")
     return 0
 
 
@@ -98,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a tiny compressor on CPU and show that memory carries the text")
     demo.add_argument("--preset", default="tiny", help="tiny (default, ~10 min on 2 cores), small (GPU), smoke")
-    demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=2000 device=cuda")
+    demo.add_argument("--stage", default="cpt", choices=("cpt", "sft"),
+                      help="cpt (default): CPT + reconstruction eval; sft: continue with SFT on synthetic QA")
+    demo.add_argument("overrides", nargs="*", help="key=value: any trainer option (steps=2000, device=cuda, "
+                      "out_dir=...) or eval_passages=N")
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="benchmarks outside pytest")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

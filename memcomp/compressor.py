@@ -343,12 +343,16 @@ class MemoryCompressor(nn.Module):
     def build_decoder_inputs(self, memories: Sequence[Union[Memory, torch.Tensor]],
                              instructions: Sequence[TextOrIds],
                              targets: Optional[Sequence[TextOrIds]] = None, *,
-                             padding_side: str = "left", append_eos: bool = True) -> DecoderInputs:
-        """One row per sample: memory block, instruction, then (if given) the target (+ EOS).
+                             padding_side: str = "left", append_eos: bool = True,
+                             prefixes: Optional[Sequence[TextOrIds]] = None) -> DecoderInputs:
+        """One row per sample: prefix (e.g. ChatML system and user headers; none by default), memory block,
+        instruction, then (if given) the target (+ EOS).
 
         Rows are padded on ``padding_side`` (left for generation, right for training); position ids
         count real tokens from 0 in each row; labels are -100 except on target tokens.
         """
+        if prefixes is not None and len(prefixes) != len(memories):
+            raise ValueError(f"build_decoder_inputs: {len(memories)} memories but {len(prefixes)} prefixes")
         if len(memories) != len(instructions) or (targets is not None and len(targets) != len(memories)):
             raise ValueError(f"build_decoder_inputs: {len(memories)} memories, {len(instructions)} "
                              f"instructions" + ("" if targets is None else f", {len(targets)} targets"))
@@ -362,8 +366,10 @@ class MemoryCompressor(nn.Module):
         for i, m in enumerate(memories):
             mem = self._memory_tensor(m)
             block, slot = self.memory_layout(mem.shape[0])
+            prefix = self.tokenize(prefixes[i]).tolist() if prefixes is not None else []
+            slot = [len(prefix) + k for k in slot]
             inst = self.tokenize(instructions[i]).tolist()
-            row = block + inst
+            row = prefix + block + inst
             labels = [-100] * len(row)
             if targets is not None:
                 tgt = self.tokenize(targets[i]).tolist() + ([eos] if append_eos and eos is not None else [])
@@ -468,13 +474,14 @@ class MemoryCompressor(nn.Module):
 
     @torch.no_grad()
     def generate(self, memories: Union[Memory, Sequence[Union[Memory, torch.Tensor]]],
-                 prompts: Union[TextOrIds, Sequence[TextOrIds]], **generate_kwargs: Any) -> list[str]:
-        """Decode from memory + prompt with HF ``generate`` on ``inputs_embeds`` (greedy by default)."""
+                 prompts: Union[TextOrIds, Sequence[TextOrIds]],
+                 prefixes: Optional[Sequence[TextOrIds]] = None, **generate_kwargs: Any) -> list[str]:
+        """Decode from [prefix +] memory + prompt with HF ``generate`` on ``inputs_embeds`` (greedy by default)."""
         if isinstance(memories, (Memory, torch.Tensor)):
             memories = [memories]
         if isinstance(prompts, str):
             prompts = [prompts] * len(memories)
-        batch = self.build_decoder_inputs(memories, prompts, padding_side="left")
+        batch = self.build_decoder_inputs(memories, prompts, padding_side="left", prefixes=prefixes)
         generate_kwargs.setdefault("max_new_tokens", 64)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)

@@ -402,11 +402,12 @@ def setup_deepspeed(cfg: TrainConfig, comp, opt, sched):
 # The loop
 # --------------------------------------------------------------------------------------------------
 
-def _step_rows(model, engine, rows, global_targets: float, n_backward: int) -> float:
+def _step_rows(model, engine, rows, tasks: list[str], global_targets: float, n_backward: int):
     """Forward + backward over this rank's rows, the loss normalised by the global target count; returns
-    the sum of this rank's token losses. Under DeepSpeed every rank runs ``n_backward`` micro-steps (ZeRO-3's
-    collectives need the same count everywhere): a rank with fewer rows repeats its last one at weight 0."""
-    total = 0.0
+    the sum of this rank's token losses and per-task (sum, count). Under DeepSpeed every rank runs
+    ``n_backward`` micro-steps (ZeRO-3's collectives need the same count everywhere): a rank with fewer rows
+    repeats its last one at weight 0."""
+    total, per_task = 0.0, {}
     for i in range(n_backward):
         row, weight = (rows[i], 1.0) if i < len(rows) else (rows[-1], 0.0)
         out = model(row)
@@ -416,8 +417,15 @@ def _step_rows(model, engine, rows, global_targets: float, n_backward: int) -> f
             engine.backward(loss)
         else:
             loss.backward()
-        total += weight * float(out.token_losses.detach().sum())
-    return total
+        if weight:
+            losses = out.token_losses.detach().float().cpu()
+            total += float(losses.sum())
+            sample = torch.searchsorted(row.dec_cu_seqlens[1:].cpu(), row.target_rows.cpu(), right=True)
+            for j, value in zip(sample.tolist(), losses.tolist()):
+                t = tasks[row.sample_index[j]]
+                s, c = per_task.get(t, (0.0, 0))
+                per_task[t] = (s + value, c + 1)
+    return total, per_task
 
 
 @torch.no_grad()
@@ -474,11 +482,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             break
         t0 = time.perf_counter()
         with nvtx_range("step"):
-            rows = collator(stream.take(cfg.samples_per_step)[rank::world])
+            mine = stream.take(cfg.samples_per_step)[rank::world]
+            rows = collator(mine)
             global_targets = _all_reduce_sum(sum(r.target_rows.numel() for r in rows), comp.device)
             n_backward = int(_all_reduce_max(len(rows), comp.device))
-            loss = _all_reduce_sum(_step_rows(model, engine, rows, global_targets, n_backward),
-                                   comp.device) / global_targets
+            loss_sum, per_task = _step_rows(model, engine, rows, [s.task for s in mine], global_targets, n_backward)
+            loss = _all_reduce_sum(loss_sum, comp.device) / global_targets
             n_tok = sum(r.n_tokens + r.enc_input_ids.numel() for r in rows)
             with nvtx_range("optimizer"):
                 if engine is not None:
@@ -491,7 +500,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         rec = {"step": step + 1, "loss": loss, "tokens_per_s": _all_reduce_sum(n_tok, comp.device) / dt,
-               "lr": {g["name"]: g["lr"] for g in opt.param_groups}}
+               "lr": {g["name"]: g["lr"] for g in opt.param_groups},
+               "task_loss": {t: s_ / c for t, (s_, c) in per_task.items()}}  # this rank's samples
         if val and (step + 1) % cfg.eval_every == 0:
             rec["val_loss"] = evaluate(comp, collator, val)
             if rec["val_loss"] < best - 1e-4:

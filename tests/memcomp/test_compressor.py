@@ -137,6 +137,22 @@ def test_decoder_inputs_layout(make_compressor, wrapper):
     assert not same.padded and bool(same.attention_mask.all())
 
 
+def test_prefix_before_the_memory_block(make_compressor):
+    """ChatML prompts put system/user headers before the memory: slots shift, the prefix is embedded as is."""
+    comp = make_compressor(wrapper="per_block")
+    mem = comp.encode(TEXTS[0])
+    prefix = comp.tokenize("System header. User:")
+    batch = comp.build_decoder_inputs([mem], ["Go"], prefixes=[prefix], padding_side="right")
+    n = mem.n_chunks
+    assert batch.memory_positions[0].tolist() == [len(prefix) + 1 + i for i in range(n)]
+    emb = comp.model.get_input_embeddings()
+    torch.testing.assert_close(batch.inputs_embeds[0, : len(prefix)], emb(prefix))
+    torch.testing.assert_close(batch.inputs_embeds[0, batch.memory_positions[0]], mem.embeddings)
+    assert isinstance(comp.generate(mem, "Go", prefixes=[prefix], max_new_tokens=2)[0], str)
+    with pytest.raises(ValueError, match="prefixes"):
+        comp.build_decoder_inputs([mem], ["Go"], prefixes=[prefix, prefix])
+
+
 def test_training_labels_and_loss_match_full_logits(make_compressor):
     comp = make_compressor()
     targets = [TEXTS[2], TEXTS[0][:40]]

@@ -23,29 +23,38 @@ def test_metrics():
 
 
 def test_config_rejects_unknown_keys_and_presets():
-    with pytest.raises(ValueError, match="unknown demo options: stepz"):
-        make_config("tiny", stepz=3)
+    with pytest.raises(ValueError, match="unknown option 'stepz'"):
+        make_config("tiny", "cpt", ["stepz=3"])
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("huge")
-    assert make_config("tiny", steps=5).steps == 5
+    cfg, options = make_config("tiny", "cpt", ["steps=5", "eval_passages=7"])
+    assert cfg.steps == 5 and options["eval_passages"] == 7 and cfg.stage == "cpt1"
+    sft, _ = make_config("tiny", "sft", ["out_dir=runs/x/sft"])
+    assert sft.stage == "sft" and sft.freeze_projection and sft.init_from == "runs/x/cpt/compressor"
 
 
 def test_cli_rejects_bad_overrides(capsys):
     assert main(["demo", "stepz=3"]) == 2
-    assert "unknown demo options" in capsys.readouterr().err
+    assert "unknown option" in capsys.readouterr().err
 
 
-def test_demo_smoke_end_to_end(tmp_path):
+def test_demo_smoke_end_to_end_cpt_then_sft(tmp_path, capsys):
     from memcomp import MemoryCompressor
 
     out = tmp_path / "demo"
-    assert main(["demo", "--preset", "smoke", f"out_dir={json.dumps(str(out))}"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["losses"]) == 6
-    assert len(summary["reconstruction_losses"]) == 6 and len(summary["lm_losses"]) == 6
-    assert isinstance(summary["memory_carries_information"], bool)
+    assert main(["demo", "--preset", "smoke", f"out_dir={json.dumps(str(out / 'cpt'))}"]) == 0
+    summary = json.loads((out / "cpt" / "summary.json").read_text())
+    assert len(summary["losses"]) == 6 and {"reconstruction", "lm"} <= set(summary["final_task_loss"])
     for key in ("memory_token_accuracy", "control_token_accuracy", "memory_rouge_l", "control_rouge_l"):
         assert 0.0 <= summary["eval"][key] <= 1.0
-    assert (out / "loss.png").stat().st_size > 1000
-    comp = MemoryCompressor.from_pretrained(out / "compressor")
+    assert isinstance(summary["memory_carries_information"], bool)
+    assert (out / "cpt" / "loss.png").stat().st_size > 1000
+    comp = MemoryCompressor.from_pretrained(out / "cpt" / "compressor")
     assert comp.config.chunk_size == 4
+    assert "memory carries information" in capsys.readouterr().out
+
+    assert main(["demo", "--preset", "smoke", "--stage", "sft", f"out_dir={json.dumps(str(out / 'sft'))}"]) == 0
+    sft = json.loads((out / "sft" / "summary.json").read_text())
+    assert set(sft["eval"]) == {"memory_answer_accuracy", "control_answer_accuracy"}
+    assert main(["demo", "--preset", "smoke", "--stage", "sft",
+                 f"out_dir={json.dumps(str(tmp_path / 'nowhere' / 'sft'))}"]) == 2
