@@ -21,7 +21,9 @@ from typing import Any
 TASKS = ("reconstruction", "continuation", "summarization", "qa", "lm")
 FORMATS = ("flat", "chatml")
 
-# Our own wording, several phrasings per task and length (the paper samples from pools of 5-8).
+# Our own wording, several phrasings per task and length (the paper samples from pools of 5-8). The first
+# SHORT of each pool are the short ones.
+SHORT = 3
 INSTRUCTIONS: dict[str, tuple[str, ...]] = {
     "reconstruction": (
         "Restore the text held in memory.",
@@ -75,9 +77,13 @@ class SampleBuilder:
     """Builds samples with one tokenizer, prompt format and chunk size (bridge chunks are chunk-sized)."""
 
     def __init__(self, tokenizer: Any, fmt: str = "flat", boxed: bool = False, chunk_size: int = 16,
-                 end_token: str | None = None) -> None:
+                 end_token: str | None = None, instructions: str = "all") -> None:
+        """``instructions``: "all" phrasings (the paper's pools of several lengths) or only the "short" ones."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown prompt format {fmt!r}; choose one of {FORMATS}")
+        if instructions not in ("all", "short"):
+            raise ValueError(f"instructions must be 'all' or 'short', got {instructions!r}")
+        self.pool_size = SHORT if instructions == "short" else None
         self.tok, self.fmt, self.boxed, self.chunk_size = tokenizer, fmt, boxed, chunk_size
         if end_token is None:
             end_token = "<|im_end|>" if fmt == "chatml" else None
@@ -104,10 +110,13 @@ class SampleBuilder:
         before, after = self._wrap(instruction) if task != "lm" else ([], [])
         return Sample(task, list(context), before, after + list(bridge), list(target) + self.end, meta)
 
+    def _pick(self, task: str, rng: random.Random) -> str:
+        return rng.choice(INSTRUCTIONS[task][: self.pool_size])
+
     # -- the tasks -------------------------------------------------------------------------------------
 
     def reconstruction(self, doc: Sequence[int], rng: random.Random) -> Sample:
-        return self._sample("reconstruction", doc, rng.choice(INSTRUCTIONS["reconstruction"]), doc)
+        return self._sample("reconstruction", doc, self._pick("reconstruction", rng), doc)
 
     def continuation(self, doc: Sequence[int], rng: random.Random, n_bridge: int = 1,
                      split: float | None = None) -> Sample:
@@ -123,11 +132,11 @@ class SampleBuilder:
             raise ValueError(f"a document of {len(doc)} tokens is too short for continuation with {n_bridge} "
                              f"bridge chunks of {C} (needs > {cut + n_bridge * C})")
         bridge = doc[cut:cut + n_bridge * C]
-        return self._sample("continuation", doc[:cut], rng.choice(INSTRUCTIONS["continuation"]),
+        return self._sample("continuation", doc[:cut], self._pick("continuation", rng),
                             doc[cut + n_bridge * C:], bridge, n_bridge=n_bridge)
 
     def summarization(self, doc: Sequence[int], summary: Sequence[int], rng: random.Random) -> Sample:
-        return self._sample("summarization", doc, rng.choice(INSTRUCTIONS["summarization"]), summary)
+        return self._sample("summarization", doc, self._pick("summarization", rng), summary)
 
     def qa(self, context: Sequence[int], question: str, answer: Sequence[int]) -> Sample:
         return self._sample("qa", context, question, answer)

@@ -1,8 +1,8 @@
 """The main job, on the trainers: a tiny Qwen2 learns to reconstruct text from its own compressed memory.
 
-``memcomp demo`` runs the ``tiny_cpu`` CPT recipe (``memcomp.trainers``: phase-1 mixture of reconstruction
-and continuation from memory with plain language modelling, 70 : 30, encoder + projection + decoder
-jointly, 4x compression) on Python standard-library docstrings, then evaluates on held-out passages:
+``memcomp demo`` runs the ``tiny_cpu`` CPT recipe (``memcomp.trainers``: reconstruction from memory mixed
+with plain language modelling, 70 : 30 as in the paper's phase 1, encoder + projection + decoder jointly,
+4x compression) on Python standard-library docstrings, then evaluates on held-out passages:
 greedy reconstruction from memory (position-wise token accuracy, ROUGE-L) and teacher-forced accuracy,
 each against a control where the memory is another passage's. ``memcomp demo --stage sft`` continues
 with the SFT recipe on synthetic QA from the same corpus (which word follows a given word) and evaluates
@@ -103,7 +103,7 @@ def evaluate_reconstruction(comp, cfg, n: int) -> dict[str, float]:
     docs = docs[:n]
     if len(docs) < n:
         raise RuntimeError(f"only {len(docs)} held-out passages of {cfg.doc_tokens} tokens; lower eval_passages")
-    _, after = SampleBuilder(tok, "flat", chunk_size=cfg.chunk_size)._wrap(INSTRUCTIONS["reconstruction"][3])
+    _, after = SampleBuilder(tok, "flat", chunk_size=cfg.chunk_size)._wrap(INSTRUCTIONS["reconstruction"][0])
     mems = comp.encode_chunks([torch.tensor(d) for d in docs])
     result: dict[str, float] = {}
     for name, mm in (("memory", mems), ("control", mems[1:] + mems[:1])):
