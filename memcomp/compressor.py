@@ -446,18 +446,28 @@ class MemoryCompressor(nn.Module):
 
         batch = batch.to(self.device)
         embed = self.model.get_input_embeddings()
+        # Under distributed training (ZeRO-3) every rank must run the same module passes: a row without
+        # chunks (plain LM only) encodes a one-token dummy chunk that enters the decoder inputs at weight 0.
+        dummy = batch.n_chunks == 0 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        memory = None
         with packed_attention_mode(self.model):
             embeds = embed(batch.dec_input_ids)
-            if batch.n_chunks:
-                cu = batch.enc_cu_seqlens
+            if batch.n_chunks or dummy:
+                ids, pos, cu, width = ((batch.enc_input_ids, batch.enc_position_ids, batch.enc_cu_seqlens,
+                                        batch.enc_max_seqlen) if not dummy else
+                                       (batch.dec_input_ids[:1], torch.zeros_like(batch.dec_input_ids[:1]),
+                                        torch.tensor([0, 1], dtype=torch.int32, device=self.device), 1))
                 with nvtx_range("encode"), self._without_final_norm() as norm:
-                    hidden = self.base(input_ids=batch.enc_input_ids[None], position_ids=batch.enc_position_ids[None],
-                                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch.enc_max_seqlen,
-                                       max_length_k=batch.enc_max_seqlen, use_cache=False).last_hidden_state[0]
+                    hidden = self.base(input_ids=ids[None], position_ids=pos[None], cu_seq_lens_q=cu,
+                                       cu_seq_lens_k=cu, max_length_q=width, max_length_k=width,
+                                       use_cache=False).last_hidden_state[0]
                     with nvtx_range("pool"):
                         memory = segment_mean_proj(hidden, cu, self.projection.weight, self.projection.bias,
                                                    norm.weight, _eps_of(norm), check_inputs=False)
-                embeds = embeds.index_put((batch.memory_slots,), memory.to(embeds.dtype))
+                if not dummy:
+                    embeds = embeds.index_put((batch.memory_slots,), memory.to(embeds.dtype))
+                else:  # through the decoder inputs, as real memory goes: the same backward order on all ranks
+                    embeds = embeds + 0.0 * memory.to(embeds.dtype).sum()
             cu = batch.dec_cu_seqlens
             with nvtx_range("decoder"):
                 hidden = self.base(inputs_embeds=embeds[None], position_ids=batch.dec_position_ids[None],

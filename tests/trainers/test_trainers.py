@@ -199,6 +199,8 @@ def test_bad_input_gives_clear_errors(data_root, tmp_path):
 
 
 def test_two_zero3_ranks_reproduce_the_single_process_run_and_resume(data_root, tmp_path):
+    """Step 1 gives rank 0 only plain-LM samples (no chunks): it must still run the same module passes as
+    rank 1 (a weight-0 dummy chunk), or ZeRO-3's collectives mismatch."""
     pytest.importorskip("deepspeed")
     single = _cpt(_run_dir(data_root, tmp_path, "single"))
     run = _run_dir(data_root, tmp_path, "zero3")
