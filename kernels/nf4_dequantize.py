@@ -77,6 +77,18 @@ def dynamic_map() -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _nf4_block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask,
+                          NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+        """absmax of block ``blk``: fp32 as stored, or decoded from the nested 8-bit state."""
+        if NESTED:
+            qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+            a = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // NESTED_BLOCK, mask=mask, other=0.0)
+            a = a + tl.load(offset_ptr)
+        else:
+            a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        return a
+
+    @triton.jit
     def _nf4_dequantize_fwd_kernel(
         # inputs
         packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
@@ -96,13 +108,8 @@ if triton is not None:
         vals = tl.reshape(tl.join(hi, lo), [2 * BLOCK_BYTES])
         elem = pid.to(tl.int64) * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
         mask = elem < n_elements
-        blk = elem // BLOCKSIZE
-        if NESTED:
-            qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            a = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // NESTED_BLOCK, mask=mask, other=0.0)
-            a = a + tl.load(offset_ptr)
-        else:
-            a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        a = _nf4_block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, elem // BLOCKSIZE, mask, NESTED,
+                              NESTED_BLOCK)
         row = elem // K
         tl.store(out_ptr + row * stride_out_row + (elem - row * K), (vals * a).to(out_ptr.dtype.element_ty),
                  mask=mask)

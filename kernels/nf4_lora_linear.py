@@ -40,6 +40,9 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
+if triton is not None:
+    from memcomp.kernels.nf4_dequantize import _nf4_block_absmax
+
 __all__ = ["nf4_lora_linear_raw", "nf4_lora_linear_reference", "SMALL_M"]
 
 # At or below this many rows the fused dequantize-in-the-main-loop kernel runs (decode).
@@ -85,13 +88,8 @@ if triton is not None:
             w_mask = n_mask[:, None] & k_mask[None, :]
             byte = tl.load(packed_ptr + (e >> 1), mask=w_mask, other=0).to(tl.int32)
             nib = (byte >> ((1 - (e & 1)) * 4).to(tl.int32)) & 15
-            blk = e // BLOCKSIZE
-            if NESTED:
-                qa = tl.load(absmax_ptr + blk, mask=w_mask, other=0).to(tl.int32)
-                a = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // NESTED_BLOCK, mask=w_mask, other=0.0)
-                a = a + tl.load(offset_ptr)
-            else:
-                a = tl.load(absmax_ptr + blk, mask=w_mask, other=0.0)
+            a = _nf4_block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, e // BLOCKSIZE, w_mask, NESTED,
+                                  NESTED_BLOCK)
             w = (tl.load(code_ptr + nib) * a).to(x.dtype)
             if IEEE:
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")

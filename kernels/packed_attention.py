@@ -51,6 +51,14 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
+    def _visible(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL: tl.constexpr):
+        """[BLOCK_M, BLOCK_N] mask: same segment, both in range, and key not after query when causal."""
+        keep = (seg_q[:, None] == seg_k[None, :]) & row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        return keep
+
+    @triton.jit
     def _packed_attention_fwd_kernel(
         # inputs
         q_ptr, k_ptr, v_ptr, cu_ptr, seg_ptr,
@@ -90,10 +98,7 @@ if triton is not None:
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale
             seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
-            keep = (seg_q[:, None] == seg_k[None, :]) & col_ok[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_visible(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
             p = tl.exp(s - m_safe[:, None])
@@ -153,9 +158,7 @@ if triton is not None:
                 delta = tl.load(delta_ptr + h * T + rows, mask=row_ok, other=0.0)
                 seg_q = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
                 s = tl.dot(q, tl.trans(k)) * scale
-                keep = (seg_q[:, None] == seg_k[None, :]) & row_ok[:, None] & col_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= rows[:, None])
+                keep = _visible(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL)
                 p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
                 dp = tl.dot(do, tl.trans(v))
@@ -204,10 +207,7 @@ if triton is not None:
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
             seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
             s = tl.dot(q, tl.trans(k)) * scale
-            keep = (seg_q[:, None] == seg_k[None, :]) & col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(_visible(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL), tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None]) * scale
             dq += tl.dot(ds.to(k.dtype), k)
