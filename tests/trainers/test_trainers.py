@@ -211,7 +211,8 @@ def test_two_zero3_ranks_reproduce_the_single_process_run_and_resume(data_root, 
                str(29600 + i + os.getpid() % 300), "-m", "memcomp.trainers.cpt", "--recipe", "tiny_cpu",
                f"out_dir={json.dumps(str(run / 'cpt'))}", *SMALL, "deepspeed=true", *extra]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
+        useful = [ln for ln in out.stderr.splitlines() if "Warning" not in ln and "return func" not in ln]
+        assert out.returncode == 0, "\n".join(useful[-60:])
     assert _losses(run / "cpt") == pytest.approx(single, rel=1e-5)
     assert (run / "cpt" / "deepspeed" / "latest").read_text().strip() == "ckpt-0000003"
     from memcomp import MemoryCompressor
