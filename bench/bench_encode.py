@@ -4,10 +4,10 @@ GEMM rate measured in the same run). On a CPU: the tiny config, 2K tokens. Targe
 
 import pytest
 import torch
-from benchutil import HAS_CUDA, NullTokenizer, ceilings, sync, time_ms
+from benchutil import HAS_CUDA, ceilings, sync, time_ms
 
 from memcomp import CompressorConfig, MemoryCompressor
-from memcomp.model_configs import flops_per_token, random_model
+from memcomp.model_configs import IdTokenizer, flops_per_token, random_model
 
 COLUMNS = ["model", "tokens", "chunk", "chunks_per_batch", "median_ms", "tokens_per_s", "TFLOP/s", "MFU_peak",
            "MFU_measured_gemm"]
@@ -20,7 +20,7 @@ def test_encode_throughput(benchmark, recorder, name, tokens, C, cpb):
     device = "cuda" if HAS_CUDA else "cpu"
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     model = random_model(name, device=device, dtype=dtype)
-    comp = MemoryCompressor.from_base(model, NullTokenizer(model.config.vocab_size),
+    comp = MemoryCompressor.from_base(model, IdTokenizer(model.config.vocab_size),
                                       CompressorConfig(chunk_size=C, chunks_per_batch=cpb, progress=False))
     ids = torch.randint(0, model.config.vocab_size - 2, (tokens,))
 

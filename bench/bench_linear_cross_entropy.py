@@ -7,7 +7,7 @@ Target (H200): >= 2x liger over all rows with no more peak memory. On a CPU: sma
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import HAS_CUDA, sync, time_ms
+from benchutil import HAS_CUDA, peak_mb, sync, time_ms
 
 from memcomp.loss import linear_cross_entropy
 
@@ -45,11 +45,8 @@ def test_loss(benchmark, recorder, impl):
 
     run()
     sync()
-    if HAS_CUDA:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     t = time_ms(run, warmup=1, rep=10)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if HAS_CUDA else None
+    peak = peak_mb(run)
     benchmark.pedantic(lambda: (run(), sync()), rounds=2, warmup_rounds=0, iterations=1)
     if impl == "liger_all_rows":
         _liger_all.append(t["median_ms"])

@@ -10,7 +10,7 @@ peak memory no higher than (a). On a CPU: small smoke shapes."""
 
 import pytest
 import torch
-from benchutil import HAS_CUDA, ceilings, sync, time_ms
+from benchutil import HAS_CUDA, ceilings, peak_mb, sync, time_ms
 
 from memcomp.fused import nf4_lora_linear, nf4_quantize, use_backend
 
@@ -177,12 +177,8 @@ def test_decoder_layer_peak_memory(benchmark, recorder, impl):
         out.float().square().mean().backward()
 
     step()
-    if HAS_CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     t = time_ms(step, warmup=1, rep=5)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if HAS_CUDA else None
+    peak = peak_mb(step)
     benchmark.pedantic(step, rounds=1, warmup_rounds=0, iterations=1)
     row = {"what": "layer fwd+bwd", "M": T, "KxN": name, "mode": "fwd+bwd", "impl": impl, **t, "peak_MB": peak}
     if HAS_CUDA:

@@ -8,12 +8,12 @@ import random
 
 import pytest
 import torch
-from benchutil import HAS_CUDA, NullTokenizer, sync, time_ms
+from benchutil import HAS_CUDA, peak_mb, sync, time_ms
 
 from memcomp import CompressorConfig, MemoryCompressor
 from memcomp.fqlora import FQLoRAConfig, apply_fqlora
 from memcomp.fused import use_backend
-from memcomp.model_configs import random_model
+from memcomp.model_configs import IdTokenizer, random_model
 from memcomp.packing import PackingCollator
 from memcomp.tasks import Sample
 
@@ -27,7 +27,7 @@ _ref: dict = {}
 def compressor():
     name = "qwen2.5-7b" if HAS_CUDA else "tiny"
     model = random_model(name, device=DEVICE, dtype=DTYPE)
-    comp = MemoryCompressor.from_base(model, NullTokenizer(model.config.vocab_size), CompressorConfig(chunk_size=16))
+    comp = MemoryCompressor.from_base(model, IdTokenizer(model.config.vocab_size), CompressorConfig(chunk_size=16))
     apply_fqlora(comp, FQLoRAConfig())
     if HAS_CUDA:
         model.gradient_checkpointing_enable()
@@ -66,11 +66,8 @@ def test_cpt_step(benchmark, recorder, compressor, seq_len, backend):
 
     step()
     sync()
-    if HAS_CUDA:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     t = time_ms(step, warmup=1, rep=5)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if HAS_CUDA else None
+    peak = peak_mb(step)
     benchmark.pedantic(lambda: (step(), sync()), rounds=1, warmup_rounds=0, iterations=1)
     tokens = batch.n_tokens + batch.enc_input_ids.numel()
     if backend == "reference":

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
+from typing import Optional
 
 import torch
+
+from memcomp.runinfo import run_metadata
 
 HAS_CUDA = torch.cuda.is_available()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,28 +72,20 @@ def floor_ms(bytes_moved: float, flops: float) -> float:
 
 
 def metadata() -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    try:
-        import triton
+    return run_metadata("cuda" if HAS_CUDA else "cpu")
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "missing"
-    import transformers
 
-    return {
-        "gpu": torch.cuda.get_device_name(0) if HAS_CUDA else f"cpu ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "triton": triton_version, "cuda": str(torch.version.cuda),
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+def peak_mb(fn) -> Optional[float]:
+    """Peak CUDA memory of one call of ``fn`` above what was allocated before it (None on a CPU)."""
+    if not HAS_CUDA:
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def write_results(name: str, rows: list[dict]) -> str | None:
@@ -122,21 +114,3 @@ def _fmt(v) -> str:
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return "" if v is None else str(v)
 
-
-class NullTokenizer:
-    """For benchmarks on token ids (no tokenizer for random-weight models): the last two ids are the MEM
-    tokens, id 0 pads."""
-
-    def __init__(self, vocab):
-        self.vocab = vocab
-        self.pad_token_id = 0
-        self.eos_token_id = 0
-
-    def add_tokens(self, tokens, special_tokens=True):
-        return 0
-
-    def convert_tokens_to_ids(self, token):
-        return self.vocab - 2 if token == "<MEM_START>" else self.vocab - 1
-
-    def __len__(self):
-        return self.vocab

@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from memcomp import CompressorConfig, MemoryCompressor
-from memcomp.model_configs import MODEL_CONFIGS, random_model
+from memcomp.model_configs import MODEL_CONFIGS, IdTokenizer, random_model
 
 
 def main() -> None:
@@ -22,9 +22,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     model = random_model(args.model_config, device="cuda" if cuda else "cpu",
                          dtype=torch.bfloat16 if cuda else torch.float32)
-    from benchutil import NullTokenizer
-
-    comp = MemoryCompressor.from_base(model, NullTokenizer(model.config.vocab_size),
+    comp = MemoryCompressor.from_base(model, IdTokenizer(model.config.vocab_size),
                                       CompressorConfig(chunk_size=args.chunk_size))
     ids = torch.randint(0, model.config.vocab_size - 2, (args.tokens,))
     for _ in range(2):  # the second iteration is the one to read in the timeline

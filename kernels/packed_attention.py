@@ -51,6 +51,12 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
+    def _tile(idx, ok, head, stride_tok, stride_head, offs_d, d_ok):
+        """Offsets and mask of a [len(idx), BLOCK_D] tile of rows ``idx`` of one head of a [T, H, D] tensor."""
+        offsets = idx[:, None].to(tl.int64) * stride_tok + head * stride_head + offs_d[None, :]
+        return offsets, ok[:, None] & d_ok[None, :]
+
+    @triton.jit
     def _visible(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL: tl.constexpr):
         """[BLOCK_M, BLOCK_N] mask: same segment, both in range, and key not after query when causal."""
         keep = (seg_q[:, None] == seg_k[None, :]) & row_ok[:, None] & col_ok[None, :]
@@ -82,8 +88,8 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         seg_q = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
-        q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q_tok + h * stride_q_head + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_off, q_mask = _tile(rows, row_ok, h, stride_q_tok, stride_q_head, offs_d, d_ok)
+        q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
         lo, hi = _key_range(cu_ptr, seg_ptr, first, last, CAUSAL)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -92,10 +98,10 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < hi
-            k = tl.load(k_ptr + cols[:, None].to(tl.int64) * stride_k_tok + hk * stride_k_head + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_ptr + cols[:, None].to(tl.int64) * stride_v_tok + hk * stride_v_head + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            k_off, kv_mask = _tile(cols, col_ok, hk, stride_k_tok, stride_k_head, offs_d, d_ok)
+            v_off, _ = _tile(cols, col_ok, hk, stride_v_tok, stride_v_head, offs_d, d_ok)
+            k = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale
             seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
             s = tl.where(_visible(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL), s, float("-inf"))
@@ -108,8 +114,8 @@ if triton is not None:
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
-        tl.store(o_ptr + rows[:, None].to(tl.int64) * stride_o_tok + h * stride_o_head + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        o_off, _ = _tile(rows, row_ok, h, stride_o_tok, stride_o_head, offs_d, d_ok)
+        tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=q_mask)
         tl.store(lse_ptr + h * T + rows, m_i + tl.log(l_safe), mask=row_ok)
 
     @triton.jit
@@ -134,8 +140,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
-        kv_off = cols[:, None].to(tl.int64) * stride_k_tok + hk * stride_k_head + offs_d[None, :]
-        kv_mask = col_ok[:, None] & d_ok[None, :]
+        kv_off, kv_mask = _tile(cols, col_ok, hk, stride_k_tok, stride_k_head, offs_d, d_ok)
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
         # Queries that can see this key tile: its keys' segments, from the first key on when causal.
@@ -150,8 +155,7 @@ if triton is not None:
             for m0 in range(q_lo, q_hi, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < q_hi
-                q_off = rows[:, None].to(tl.int64) * stride_q_tok + h * stride_q_head + offs_d[None, :]
-                q_mask = row_ok[:, None] & d_ok[None, :]
+                q_off, q_mask = _tile(rows, row_ok, h, stride_q_tok, stride_q_head, offs_d, d_ok)
                 q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
                 do = tl.load(do_ptr + q_off, mask=q_mask, other=0.0)
                 lse = tl.load(lse_ptr + h * T + rows, mask=row_ok, other=0.0)
@@ -189,8 +193,7 @@ if triton is not None:
         row_ok = rows < T
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        q_off = rows[:, None].to(tl.int64) * stride_q_tok + h * stride_q_head + offs_d[None, :]
-        q_mask = row_ok[:, None] & d_ok[None, :]
+        q_off, q_mask = _tile(rows, row_ok, h, stride_q_tok, stride_q_head, offs_d, d_ok)
         q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
         do = tl.load(do_ptr + q_off, mask=q_mask, other=0.0)
         lse = tl.load(lse_ptr + h * T + rows, mask=row_ok, other=0.0)
@@ -201,8 +204,7 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < hi
-            kv_off = cols[:, None].to(tl.int64) * stride_k_tok + hk * stride_k_head + offs_d[None, :]
-            kv_mask = col_ok[:, None] & d_ok[None, :]
+            kv_off, kv_mask = _tile(cols, col_ok, hk, stride_k_tok, stride_k_head, offs_d, d_ok)
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
             seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)

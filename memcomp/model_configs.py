@@ -49,3 +49,22 @@ def flops_per_token(cfg, context: int) -> float:
     linear = 2 * L * (d * d + 2 * d * kv + d * d + 3 * d * f)
     attention = 2 * L * 2 * context * cfg.num_attention_heads * hd
     return float(linear + attention)
+
+
+class IdTokenizer:
+    """Stands in for a tokenizer where everything is token ids (random-weight models have none): the last
+    two ids of the vocabulary are <MEM_START> and <MEM_END>, id 0 pads and ends."""
+
+    pad_token_id = eos_token_id = 0
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def add_tokens(self, tokens, special_tokens: bool = True) -> int:
+        return 0
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.vocab_size - 2 if token == "<MEM_START>" else self.vocab_size - 1
+
+    def __len__(self) -> int:
+        return self.vocab_size

@@ -16,19 +16,18 @@ runs, mean and median. Peak memory is the allocator's peak during one more run, 
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
+
+from memcomp.runinfo import run_metadata
 
 PAPER_H100_7B = {  # Table 7 of seed 002: context -> (TTFT full ms, TTFT ours ms, peak full GB, peak ours GB)
     4096: (126, 43, None, None), 8192: (261, 53, None, None), 16384: (577, 100, None, None),
@@ -112,28 +111,6 @@ def peak_memory_gb(fn: Callable[[], Any], device: str) -> Optional[float]:
     return torch.cuda.max_memory_allocated() / 1e9
 
 
-def metadata(device: str) -> dict[str, Any]:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "missing"
-    try:
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    cuda = device.startswith("cuda") and torch.cuda.is_available()
-    return {"gpu": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()})",
-            "torch": torch.__version__, "triton": triton_version, "cuda": str(torch.version.cuda),
-            "transformers": transformers.__version__, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def _attention_implementation(device: str) -> str:
     if device.startswith("cuda"):
         try:
@@ -149,7 +126,7 @@ def run_ttft(cfg: TTFTConfig, log: Callable[[str], None] = print) -> dict[str, A
     """Measure every case at every length; returns {"meta", "config", "rows"} (also written as JSON)."""
     from memcomp.compressor import MemoryCompressor
     from memcomp.config import CompressorConfig
-    from memcomp.model_configs import random_model
+    from memcomp.model_configs import IdTokenizer, random_model
 
     device, dtype = cfg.device, getattr(torch, cfg.dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -158,19 +135,7 @@ def run_ttft(cfg: TTFTConfig, log: Callable[[str], None] = print) -> dict[str, A
     model = random_model(cfg.model_config, device=device, dtype=dtype, attn_implementation=attn)
     vocab = model.config.vocab_size
 
-    class _Tok:  # token-id level: random-weight models have no tokenizer
-        pad_token_id = eos_token_id = 0
-
-        def add_tokens(self, tokens, special_tokens=True):
-            return 0
-
-        def convert_tokens_to_ids(self, token):
-            return vocab - 2 if token == "<MEM_START>" else vocab - 1
-
-        def __len__(self):
-            return vocab
-
-    per_emb = MemoryCompressor.from_base(model, _Tok(), CompressorConfig(chunk_size=cfg.chunk_size,
+    per_emb = MemoryCompressor.from_base(model, IdTokenizer(vocab), CompressorConfig(chunk_size=cfg.chunk_size,
                                                                          wrapper="per_embedding", progress=False))
     per_block = MemoryCompressor(model, per_emb.tokenizer, CompressorConfig(chunk_size=cfg.chunk_size,
                                                                             wrapper="per_block", progress=False),
@@ -225,7 +190,7 @@ def run_ttft(cfg: TTFTConfig, log: Callable[[str], None] = print) -> dict[str, A
         if "mean_ms" in row["per_embedding"] and "mean_ms" in row["plain_same_positions"]:
             row["memory_path_overhead"] = row["per_embedding"]["mean_ms"] / row["plain_same_positions"]["mean_ms"]
         rows.append(row)
-    return {"meta": {**metadata(device), "attention": attn}, "config": asdict(cfg), "rows": rows}
+    return {"meta": {**run_metadata(device), "attention": attn}, "config": asdict(cfg), "rows": rows}
 
 
 def _ms(case: dict) -> str:

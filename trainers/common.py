@@ -375,19 +375,13 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_sum(value: float, device) -> float:
+def _all_reduce(value: float, device, op: str = "sum") -> float:
+    """Sum (or max) of a scalar over ranks; the value itself without distributed training."""
     if _dist()[1] == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
-
-
-def _all_reduce_max(value: float, device) -> float:
-    if _dist()[1] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    reduce_op = torch.distributed.ReduceOp
+    torch.distributed.all_reduce(t, op=reduce_op.MAX if op == "max" else reduce_op.SUM)
     return float(t.item())
 
 
@@ -500,10 +494,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         with nvtx_range("step"):
             mine = stream.take(cfg.samples_per_step)[rank::world]
             rows = collator(mine)
-            global_targets = _all_reduce_sum(sum(r.target_rows.numel() for r in rows), comp.device)
-            n_backward = int(_all_reduce_max(len(rows), comp.device))
+            global_targets = _all_reduce(sum(r.target_rows.numel() for r in rows), comp.device)
+            n_backward = int(_all_reduce(len(rows), comp.device, "max"))
             loss_sum, per_task = _step_rows(model, engine, rows, [s.task for s in mine], global_targets, n_backward)
-            loss = _all_reduce_sum(loss_sum, comp.device) / global_targets
+            loss = _all_reduce(loss_sum, comp.device) / global_targets
             n_tok = sum(r.n_tokens + r.enc_input_ids.numel() for r in rows)
             with nvtx_range("optimizer"):
                 if engine is not None:
@@ -515,7 +509,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     sched.step()
                     opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        rec = {"step": step + 1, "loss": loss, "tokens_per_s": _all_reduce_sum(n_tok, comp.device) / dt,
+        rec = {"step": step + 1, "loss": loss, "tokens_per_s": _all_reduce(n_tok, comp.device) / dt,
                "lr": {g["name"]: g["lr"] for g in opt.param_groups},
                "task_loss": {t: s_ / c for t, (s_, c) in per_task.items()}}  # this rank's samples
         if val and (step + 1) % cfg.eval_every == 0:

@@ -86,12 +86,9 @@ def position_accuracy(candidate: list[int], reference: list[int]) -> float:
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 
-def _records(path: str, n: int) -> list[dict[str, Any]]:
-    out = []
+def _records(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            out.append(json.loads(line))
-    return out
+        return [json.loads(line) for line in f if line.strip()]
 
 
 @torch.no_grad()
@@ -99,7 +96,7 @@ def evaluate_reconstruction(comp, cfg, n: int) -> dict[str, float]:
     """Right memory vs another passage's memory (the control), on held-out passages."""
     tok = comp.tokenizer
     docs = [ids[: cfg.doc_tokens] for ids in (tok(r["text"], add_special_tokens=False)["input_ids"]
-                                                for r in _records(cfg.val_text_file, n)) if len(ids) >= cfg.doc_tokens]
+                                                for r in _records(cfg.val_text_file)) if len(ids) >= cfg.doc_tokens]
     docs = docs[:n]
     if len(docs) < n:
         raise RuntimeError(f"only {len(docs)} held-out passages of {cfg.doc_tokens} tokens; lower eval_passages")
@@ -132,7 +129,7 @@ def evaluate_qa(comp, cfg, n: int) -> dict[str, float]:
     """Held-out synthetic QA: exact answer from the right memory vs from another passage's memory."""
     tok = comp.tokenizer
     sb = SampleBuilder(tok, cfg.prompt_format, chunk_size=cfg.chunk_size)
-    recs = _records(cfg.val_qa_file, n)[:n]
+    recs = _records(cfg.val_qa_file)[:n]
     samples = [sb.qa(tok(r["context"], add_special_tokens=False)["input_ids"][: cfg.doc_tokens], r["question"],
                      tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in recs]
     mems = comp.encode_chunks([torch.tensor(s.context) for s in samples])
