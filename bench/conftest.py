@@ -8,6 +8,10 @@ import torch
 
 # Benchmark helpers (benchutil) sit beside this file; the suite runs with --import-mode=importlib.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# `python -m pytest` from the checkout puts it on sys.path too, exposing kernels/ and trainers/ under generic
+# names (transformers probes for a `kernels` package); benchmarks run the installed memcomp.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != os.path.realpath(_CHECKOUT)]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -14,6 +14,10 @@ import torch
 # --import-mode=importlib the test folders themselves never do, so tests/memcomp and tests/kernels cannot
 # shadow the installed memcomp or look like Hugging Face's `kernels` package to transformers.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_support"))
+# `python -m pytest` (bench/run_gpu.sh, many users) also puts the working directory on sys.path; from the
+# checkout that exposes kernels/ and trainers/ under generic names. The suite tests the installed package.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != os.path.realpath(_CHECKOUT)]
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
