@@ -65,6 +65,14 @@ if triton is not None:
         return keep
 
     @triton.jit
+    def _visible_t(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL: tl.constexpr):
+        """The same mask transposed, [BLOCK_N, BLOCK_M] (keys along rows), built directly in that layout."""
+        keep = (seg_k[:, None] == seg_q[None, :]) & col_ok[:, None] & row_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[:, None] <= rows[None, :])
+        return keep
+
+    @triton.jit
     def _packed_attention_fwd_kernel(
         # inputs
         q_ptr, k_ptr, v_ptr, cu_ptr, seg_ptr,
@@ -161,13 +169,15 @@ if triton is not None:
                 lse = tl.load(lse_ptr + h * T + rows, mask=row_ok, other=0.0)
                 delta = tl.load(delta_ptr + h * T + rows, mask=row_ok, other=0.0)
                 seg_q = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
-                s = tl.dot(q, tl.trans(k)) * scale
-                keep = _visible(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL)
-                p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None]) * scale
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                # Keys along rows throughout (S^T = K Q^T): P^T and dS^T come out of their dots in the layout
+                # the dV and dK dots take as A operand, so no register tile is transposed.
+                st = tl.dot(k, tl.trans(q)) * scale
+                keep = _visible_t(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL)
+                pt = tl.where(keep, tl.exp(st - lse[None, :]), 0.0)
+                dv += tl.dot(pt.to(do.dtype), do)
+                dpt = tl.dot(v, tl.trans(do))
+                dst = pt * (dpt - delta[None, :]) * scale
+                dk += tl.dot(dst.to(q.dtype), q)
         tl.store(dk_ptr + kv_off, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -228,10 +238,26 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
                                    output_size=total)
 
 
-def _blocks(D: int) -> tuple[int, int, int]:
+def _config(kernel: str, D: int, dtype: torch.dtype) -> dict:
+    """Tiles, warps and pipeline stages of one kernel: constexprs and launch options.
+
+    Chosen with ``python -m memcomp.kernels.aot`` (static resources off the sm_90 cubin): the deepest pipelining
+    that compiles without register spills on sm_90 and fits sm_80's 163 KB of shared memory. The 64-row query
+    tiles hold four 16-token chunks. At D = 128 in bf16 the old dK/dV configuration (64 x 64 tiles, 4 warps,
+    3 stages, transposed register tiles) spilled 472 B per thread; keys-along-rows with 32-query steps and 8
+    warps uses 192 registers and spills nothing. fp32 (tests, not a GPU training dtype) takes smaller tiles.
+    """
     block_d = max(16, triton.next_power_of_2(D))
-    # 64 x 64 tiles: four 16-token chunks per query tile; D = 128 keeps q, k, v, acc in registers at 4 warps.
-    return 64, 64, block_d
+    wide = block_d > 64
+    fp32 = dtype == torch.float32
+    if kernel == "fwd":
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if fp32 and wide else 4, num_stages=2 if fp32 else 3)
+    elif kernel == "dq":
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if fp32 and wide else 2 if fp32 else 3)
+    else:  # dkdv: BLOCK_N keys per program, BLOCK_M queries per step
+        cfg = dict(BLOCK_M=32, BLOCK_N=32 if fp32 and wide else 64, num_warps=8 if wide else 4,
+                   num_stages=2 if wide else 3)
+    return dict(cfg, BLOCK_D=block_d)
 
 
 def packed_attention_forward(q, k, v, cu_seqlens, seg, causal: bool, scale: float):
@@ -240,13 +266,13 @@ def packed_attention_forward(q, k, v, cu_seqlens, seg, causal: bool, scale: floa
     lse = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
     if T == 0:
         return out, lse
-    bm, bn, bd = _blocks(D)
-    _packed_attention_fwd_kernel[(triton.cdiv(T, bm), Hq)](
+    cfg = _config("fwd", D, q.dtype)
+    _packed_attention_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), Hq)](
         q, k, v, cu_seqlens, seg,
         out, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         T, D, Hq // k.shape[1], scale,
-        CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=4,
+        CAUSAL=causal, **cfg,
     )
     return out, lse
 
@@ -261,18 +287,18 @@ def packed_attention_backward(do, q, k, v, out, lse, cu_seqlens, seg, causal: bo
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if T == 0:
         return dq, dk, dv
-    bm, bn, bd = _blocks(D)
-    common = dict(CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
-    _packed_attention_bwd_dkdv_kernel[(triton.cdiv(T, bn), Hkv)](
+    cfg = _config("dkdv", D, q.dtype)
+    _packed_attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), Hkv)](
         q, k, v, do, lse, delta, cu_seqlens, seg,
         dk, dv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        T, D, Hq // Hkv, scale, **common)
-    _packed_attention_bwd_dq_kernel[(triton.cdiv(T, bm), Hq)](
+        T, D, Hq // Hkv, scale, CAUSAL=causal, **cfg)
+    cfg = _config("dq", D, q.dtype)
+    _packed_attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), Hq)](
         q, k, v, do, lse, delta, cu_seqlens, seg,
         dq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        T, D, Hq // Hkv, scale, **common)
+        T, D, Hq // Hkv, scale, CAUSAL=causal, **cfg)
     return dq, dk, dv
 
 
