@@ -10,6 +10,11 @@ OUT=${OUT:-bench/results}
 mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+# Carried wheels (bash bench/fetch_wheels.sh here, then carry [".whl"]): installed beside the image's packages.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 # A bare machine has torch, triton and transformers; never reinstall torch. Install memcomp itself without
 # dependencies; benches and tests that need a missing optional package (bitsandbytes, peft, flash-attn,
 # liger-kernel, deepspeed) skip with a reason.

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Wheels for the optional packages the GPU machine lacks, to carry there (it has no package index):
+#   bash bench/fetch_wheels.sh            # here, once: writes .whl/ (git-ignored, ~44 MB)
+#   run with carry [".whl"]: bench/run_gpu.sh installs them into /tmp/site before anything else.
+# liger-kernel (the loss benchmark's baseline) and bitsandbytes (the NF4 tests' and benchmarks' reference).
+# flash-attn has no wheel on PyPI (it builds from source against the local CUDA) and deepspeed is not
+# needed on one GPU; their tests and benchmarks skip with a reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+  -d .whl "liger-kernel==0.8.5" "bitsandbytes==0.50.2"
+ls -la .whl
