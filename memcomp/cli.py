@@ -58,7 +58,7 @@ def _bench_ttft(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"memcomp bench ttft: {exc}", file=sys.stderr)
         return 2
-    result = run_ttft(cfg)
+    result = run_ttft(cfg, on_row=lambda partial: write_outputs(partial, cfg.out_dir, with_plot=False))
     print()
     print(format_table(result))
     for kind, path in write_outputs(result, cfg.out_dir).items():

@@ -122,8 +122,13 @@ def _attention_implementation(device: str) -> str:
     return "sdpa"
 
 
-def run_ttft(cfg: TTFTConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every case at every length; returns {"meta", "config", "rows"} (also written as JSON)."""
+def run_ttft(cfg: TTFTConfig, log: Callable[[str], None] = print,
+             on_row: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """Measure every case at every length; returns {"meta", "config", "rows", "complete"}.
+
+    ``on_row`` receives the partial result after each length (``complete`` False until the last), so a run
+    stopped by a time limit still leaves the lengths it finished (the CLI writes them as it goes).
+    """
     from memcomp.compressor import MemoryCompressor
     from memcomp.config import CompressorConfig
     from memcomp.model_configs import IdTokenizer, random_model
@@ -154,7 +159,8 @@ def run_ttft(cfg: TTFTConfig, log: Callable[[str], None] = print) -> dict[str, A
         out = model(inputs_embeds=batch.inputs_embeds, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].argmax()
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    meta = {**run_metadata(device), "attention": attn}
     for L in cfg.lengths:
         context = torch.randint(1, vocab - 2, (L,), generator=gen)
         full_ids = torch.cat([context, question])
@@ -190,7 +196,9 @@ def run_ttft(cfg: TTFTConfig, log: Callable[[str], None] = print) -> dict[str, A
         if "mean_ms" in row["per_embedding"] and "mean_ms" in row["plain_same_positions"]:
             row["memory_path_overhead"] = row["per_embedding"]["mean_ms"] / row["plain_same_positions"]["mean_ms"]
         rows.append(row)
-    return {"meta": {**run_metadata(device), "attention": attn}, "config": asdict(cfg), "rows": rows}
+        if on_row is not None and len(rows) < len(cfg.lengths):
+            on_row({"meta": meta, "config": asdict(cfg), "rows": list(rows), "complete": False})
+    return {"meta": meta, "config": asdict(cfg), "rows": rows, "complete": True}
 
 
 def _ms(case: dict) -> str:
@@ -223,6 +231,9 @@ def format_table(result: dict[str, Any]) -> str:
                   f"C = {cfg['chunk_size']}, question {cfg['question_tokens']} tokens; mean of {cfg['runs']} runs "
                   f"after {cfg['warmup']} warm-ups; {meta['gpu']}, torch {meta['torch']}, commit {meta['commit']}, "
                   f"{meta['date'][:10]}"]
+    if not result.get("complete", True):
+        done = ", ".join(str(r["context"]) for r in result["rows"])
+        lines.append(f"PARTIAL: the run stopped before finishing; lengths measured: {done}")
     return "\n".join(lines)
 
 
@@ -261,7 +272,9 @@ def plot(result: dict[str, Any], path: str) -> bool:
     return True
 
 
-def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
+def write_outputs(result: dict[str, Any], out_dir: str, with_plot: bool = True) -> dict[str, str]:
+    """JSON, Markdown table and (with matplotlib) PNG under ``out_dir``; files of the same run and date are
+    overwritten, so partial results written along the way are replaced by the complete ones."""
     os.makedirs(out_dir, exist_ok=True)
     gpu = result["meta"]["gpu"].replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "")
     stem = os.path.join(out_dir, f"ttft-{result['config']['model_config']}-{gpu}-{result['meta']['date'][:10]}")
@@ -270,6 +283,6 @@ def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
         json.dump(result, f, indent=2)
     with open(paths["table"], "w") as f:
         f.write(format_table(result) + "\n")
-    if not plot(result, paths["plot"]):
+    if not with_plot or not plot(result, paths["plot"]):
         del paths["plot"]
     return paths

@@ -43,3 +43,24 @@ def test_cli_writes_json_table_and_plot(tmp_path, capsys):
     assert data["config"]["runs"] == 1 and data["rows"][0]["context"] == 64
     assert main(["bench", "ttft", "--model-config", "huge", "--device", "cpu"]) == 2
     assert "unknown model config" in capsys.readouterr().err
+
+
+def test_partial_results_are_written_after_each_length(tmp_path):
+    """A run cut off by a time limit (the GPU machine's 10-minute calls) leaves the lengths it finished."""
+    from memcomp.ttft import write_outputs
+
+    cfg = TTFTConfig(model_config="tiny", lengths=(64, 128, 256), warmup=0, runs=1, device="cpu", dtype="float32",
+                     end_to_end=False)
+    seen = []
+
+    def on_row(partial):
+        seen.append([r["context"] for r in partial["rows"]])
+        paths = write_outputs(partial, str(tmp_path), with_plot=False)
+        assert "PARTIAL" in open(paths["table"]).read()
+        assert json.load(open(paths["json"]))["complete"] is False
+
+    res = run_ttft(cfg, log=lambda _: None, on_row=on_row)
+    assert seen == [[64], [64, 128]]
+    assert res["complete"] is True and "PARTIAL" not in format_table(res)
+    final = write_outputs(res, str(tmp_path), with_plot=False)  # replaces the partial files of the same run
+    assert json.load(open(final["json"]))["complete"] is True and len(list(tmp_path.iterdir())) == 2
