@@ -29,8 +29,9 @@ def compressor():
     model = random_model(name, device=DEVICE, dtype=DTYPE)
     comp = MemoryCompressor.from_base(model, IdTokenizer(model.config.vocab_size), CompressorConfig(chunk_size=16))
     apply_fqlora(comp, FQLoRAConfig())
+    comp.train()  # LoRA dropout on (the paper's 0.05), as in training
     if HAS_CUDA:
-        model.gradient_checkpointing_enable()
+        comp.enable_activation_checkpointing()  # packed-safe replay; Hugging Face's own would leave packed mode
     return comp
 
 

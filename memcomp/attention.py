@@ -5,6 +5,13 @@ over the segments given by the ``cu_seq_lens_q`` keyword that transformers forwa
 call) and with ``AttentionMaskInterface`` (no mask is built: no T x T tensor for a packed row). A model
 instance uses it only inside ``with packed_attention_mode(model):``; everywhere else it keeps its own
 implementation (sdpa, flash-attn, ...), e.g. for generation with padding.
+
+Activation checkpointing: Hugging Face's recomputes each layer during ``backward()``, after the ``with`` block
+has restored the model's own attention, so the replay would attend across the samples of a packed row (with
+reentrant checkpointing: wrong gradients; non-reentrant: torch's CheckpointError, after the forward's work).
+``enable_activation_checkpointing`` installs a checkpoint function that replays under the attention
+implementation and kernel backend of the forward; ``check_checkpointing`` (run by
+``MemoryCompressor.forward_packed``) refuses Hugging Face's own.
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from memcomp.fused import packed_attention
+from memcomp.fused import current_backend, packed_attention, use_backend
 
 ATTN_IMPLEMENTATION = "memcomp_packed"
 
@@ -58,3 +66,62 @@ def packed_attention_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = previous
+
+
+_REPLAYS_PACKED = "_memcomp_replays_packed"
+
+
+def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, every_n_layers: int = 1) -> int:
+    """Checkpoint every ``every_n_layers``-th decoder layer of ``model`` (non-reentrant), replaying each under
+    the attention implementation and memcomp backend that its forward ran with. Returns the layers checkpointed."""
+    if every_n_layers < 1:
+        raise ValueError(f"every_n_layers must be >= 1, got {every_n_layers}")
+    layers = _layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Hugging Face GradientCheckpointingLayer to checkpoint")
+    config = model.config
+
+    def checkpoint_packed(function, *args):
+        impl, backend = config._attn_implementation, current_backend()  # as the forward runs
+
+        @contextlib.contextmanager
+        def replay() -> Iterator[None]:
+            previous = config._attn_implementation
+            config._attn_implementation = impl
+            try:
+                with use_backend(backend):
+                    yield
+            finally:
+                config._attn_implementation = previous
+
+        return checkpoint(function, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), replay()))
+
+    setattr(checkpoint_packed, _REPLAYS_PACKED, True)
+    for i, layer in enumerate(layers):
+        layer._gradient_checkpointing_func = checkpoint_packed
+        layer.gradient_checkpointing = i % every_n_layers == 0
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+def disable_activation_checkpointing(model: torch.nn.Module) -> None:
+    for layer in _layers(model):
+        layer.gradient_checkpointing = False
+
+
+def check_checkpointing(model: torch.nn.Module) -> None:
+    """Raise if a training layer of ``model`` checkpoints with a function that would replay outside packed mode."""
+    for layer in _layers(model):
+        if layer.training and layer.gradient_checkpointing and not getattr(
+                getattr(layer, "_gradient_checkpointing_func", None), _REPLAYS_PACKED, False):
+            raise ValueError(
+                "the model uses Hugging Face's gradient checkpointing, whose recompute runs during backward() "
+                "outside packed attention mode and would attend across the samples of a packed row (wrong "
+                "gradients, or torch's CheckpointError); enable it with "
+                "MemoryCompressor.enable_activation_checkpointing() instead")

@@ -435,15 +435,30 @@ class MemoryCompressor(nn.Module):
             raise ValueError("forward: no target tokens in the batch")
         return CompressorOutput(token_losses.mean(), token_losses, n)
 
+    def enable_activation_checkpointing(self, every_n_layers: int = 1) -> int:
+        """Recompute every ``every_n_layers``-th decoder layer in backward instead of keeping its activations
+        (non-reentrant ``torch.utils.checkpoint``); safe with packed rows, unlike Hugging Face's own, whose replay
+        would run outside packed attention mode. Returns the number of layers checkpointed."""
+        from memcomp.attention import enable_activation_checkpointing
+
+        return enable_activation_checkpointing(self.model, every_n_layers)
+
+    def disable_activation_checkpointing(self) -> None:
+        from memcomp.attention import disable_activation_checkpointing
+
+        disable_activation_checkpointing(self.model)
+
     def forward_packed(self, batch: PackedBatch) -> CompressorOutput:
         """Training forward over one packed row (``memcomp.packing``): encoder over all chunks (packed
         attention, one segment per chunk) -> fused norm + mean + projection -> embeddings written at the
         placeholder slots -> decoder over all samples (packed attention, one segment per sample) -> loss on
         the target rows only (fused linear cross-entropy, no [T, vocab] logits). ``token_losses`` follow
         ``batch.target_rows``."""
-        from memcomp.attention import packed_attention_mode
+        from memcomp.attention import check_checkpointing, packed_attention_mode
         from memcomp.loss import linear_cross_entropy
 
+        if self.training:
+            check_checkpointing(self.model)
         batch = batch.to(self.device)
         embed = self.model.get_input_embeddings()
         # Under distributed training (ZeRO-3) every rank must run the same module passes: a row without

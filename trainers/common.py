@@ -77,6 +77,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     freeze_projection: bool = False
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (packed-safe; the 7B/32B recipes)
     # run
     seed: int = 0
     device: str = "auto"
@@ -105,7 +106,8 @@ class TrainConfig:
 def _paper(stage: str) -> dict[str, Any]:
     """Table 9 of seed 002, per stage."""
     common = dict(fqlora=True, lora_rank=64, lora_alpha=16.0, lora_dropout=0.05, lr_lora=1e-4, wd_lora=0.0,
-                  wd_full=0.1, max_grad_norm=1.0, chunk_size=16, dtype="bfloat16", deepspeed=True, zero_stage=3)
+                  wd_full=0.1, max_grad_norm=1.0, chunk_size=16, dtype="bfloat16", deepspeed=True, zero_stage=3,
+                  activation_checkpointing=True)
     if stage == "cpt1":
         return {**common, "lr_full": 5e-5, "lr_proj": 3e-4, "warmup_ratio": 0.04, "min_lr_ratio": 0.1,
                 "max_tokens": 2048, "samples_per_step": 256, "prompt_format": "flat"}
@@ -257,6 +259,8 @@ def build_compressor(cfg: TrainConfig) -> MemoryCompressor:
         apply_fqlora(comp, FQLoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout))
     if cfg.freeze_projection:
         comp.projection.requires_grad_(False)
+    if cfg.activation_checkpointing:
+        comp.enable_activation_checkpointing()
     return comp.to(device)
 
 

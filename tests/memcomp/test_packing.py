@@ -197,6 +197,51 @@ def test_packed_forward_equals_unpacked_losses_and_gradients(base_tokenizer, wra
     assert g_packed[proj].abs().sum() > 0, "no gradient reached the projection through the packed path"
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_activation_checkpointing_keeps_packed_gradients(base_tokenizer, backend):
+    """Layers recomputed in backward replay in packed mode: the same losses and gradients as without
+    checkpointing. Hugging Face's own checkpointing replays outside it (wrong gradients) and is refused."""
+    from memcomp.attention import _REPLAYS_PACKED, _layers
+
+    tok = copy.deepcopy(base_tokenizer)
+    comp = MemoryCompressor.from_base(tiny_model(tok, hidden=64, layers=2), tok, CompressorConfig(chunk_size=4))
+    comp.train()
+    (batch,) = PackingCollator.from_compressor(comp, max_tokens=1024)(_samples(comp))
+    params = [p for p in comp.parameters() if p.requires_grad]
+    calls = []
+    comp.model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+
+    def run():
+        calls.clear()
+        with use_backend(backend):
+            out = comp.forward_packed(batch)
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        return out.token_losses.detach(), grads, len(calls)
+
+    ref_losses, ref, n_plain = run()
+    assert comp.enable_activation_checkpointing() == 2
+    losses, got, n_ckpt = run()
+    assert n_ckpt == 2 * n_plain, "the layers were not recomputed"
+    torch.testing.assert_close(losses, ref_losses, rtol=0, atol=0)
+    for a, b in zip(got, ref):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    comp.disable_activation_checkpointing()
+    if hasattr(comp.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        comp.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        comp.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="enable_activation_checkpointing"):
+        comp.forward_packed(batch)
+    # What the check prevents: let Hugging Face's replay through. It runs the model's own attention over the
+    # whole row, which saves other tensors than the packed forward did; torch notices only in backward.
+    for layer in _layers(comp.model):
+        setattr(layer._gradient_checkpointing_func, _REPLAYS_PACKED, True)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        run()
+
+
 def test_chatml_rows_are_isolated(comp):
     """Packing several ChatML samples together gives each the losses it gets alone."""
     sb = SampleBuilder(comp.tokenizer, "chatml", boxed=True, chunk_size=4)

@@ -65,6 +65,13 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(data_root, tmp_path):
     assert resumed == pytest.approx(full, rel=1e-6, abs=1e-7)
 
 
+def test_activation_checkpointing_leaves_the_losses_unchanged(data_root, tmp_path):
+    plain = _cpt(_run_dir(data_root, tmp_path, "plain"))
+    assert _cpt(_run_dir(data_root, tmp_path, "ckpt"), "activation_checkpointing=true") == pytest.approx(
+        plain, rel=1e-6, abs=1e-7)
+    assert common.recipe("qwen2.5-7b", "cpt1").activation_checkpointing
+
+
 def test_a_crash_mid_write_never_looks_complete(data_root, tmp_path, monkeypatch):
     run = _run_dir(data_root, tmp_path)
     _cpt(run, "steps=4", "stop_after=2")
