@@ -65,6 +65,7 @@ class KernelReport:
     local_bytes: int          # per thread: register spills (and local arrays); 0 is the goal
     stack_bytes: int
     shared_bytes: int         # static (cubin) + dynamic (Triton's request at launch)
+    fma_f32: int              # fp32 fused multiply-adds in the PTX (bit-exactness checks against unfused code)
     compile_s: float
 
     def errors(self, arch: int) -> list[str]:
@@ -244,7 +245,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
         constexprs=" ".join(f"{k}={consts[k]}" for k in names if k in consts),
         num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
         registers=usage["REG"], local_bytes=usage["LOCAL"], stack_bytes=usage["STACK"],
-        shared_bytes=usage["SHARED"] + compiled.metadata.shared, compile_s=seconds)
+        shared_bytes=usage["SHARED"] + compiled.metadata.shared, fma_f32=compiled.asm["ptx"].count("fma.rn.f32"),
+        compile_s=seconds)
 
 
 def _key(launch: Launch, backend) -> str:

@@ -28,6 +28,7 @@ bucketize, fine on a GPU for a 7B model; bench/bench_nf4_dequantize.py times bot
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -55,6 +56,12 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 
 
+@functools.cache
+def code_table(device: torch.device) -> torch.Tensor:
+    """NF4_CODE on ``device``, copied once: a host-to-device copy per call would synchronise the stream."""
+    return NF4_CODE.to(device)
+
+
 def dynamic_map() -> torch.Tensor:
     """The signed 8-bit dynamic quantization map (256 sorted fp32 values) used for nested absmax.
 
@@ -79,7 +86,9 @@ if triton is not None:
     @triton.jit
     def _nf4_block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask,
                           NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
-        """absmax of block ``blk``: fp32 as stored, or decoded from the nested 8-bit state."""
+        """absmax of block ``blk``: fp32 as stored, or decoded from the nested 8-bit state. Launch with
+        enable_fp_fusion=False: bitsandbytes rounds the product and the sum apart, and an FMA here differs from
+        it by an ulp on ~6 % of blocks (sm_90 contracts them otherwise; the interpreter never does)."""
         if NESTED:
             qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
             a = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // NESTED_BLOCK, mask=mask, other=0.0)
@@ -98,6 +107,7 @@ if triton is not None:
         n_elements, K,
         # compile-time
         BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+        CONTIGUOUS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         byte_idx = pid.to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
@@ -110,9 +120,12 @@ if triton is not None:
         mask = elem < n_elements
         a = _nf4_block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, elem // BLOCKSIZE, mask, NESTED,
                               NESTED_BLOCK)
-        row = elem // K
-        tl.store(out_ptr + row * stride_out_row + (elem - row * K), (vals * a).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        if CONTIGUOUS:
+            dst = elem
+        else:  # rows of a wider buffer: a 64-bit division per element, only on this path
+            row = elem // K
+            dst = row * stride_out_row + (elem - row * K)
+        tl.store(out_ptr + dst, (vals * a).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,7 +171,7 @@ def nf4_dequantize_forward(packed: torch.Tensor, absmax: torch.Tensor, shape: tu
                          f"dim, got {tuple(out.shape)} strides {out.stride()} on {out.device}")
     K = shape[-1]
     row_stride = out.stride(0) if out.dim() > 1 else K
-    code = NF4_CODE.to(packed.device)
+    code = code_table(packed.device)
     nested = absmax2 is not None
     block_bytes = 1024
     grid = (triton.cdiv((n + 1) // 2, block_bytes),)
@@ -169,7 +182,7 @@ def nf4_dequantize_forward(packed: torch.Tensor, absmax: torch.Tensor, shape: tu
         out, row_stride,
         n, K,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCK_BYTES=block_bytes,
-        num_warps=4,
+        CONTIGUOUS=row_stride == K, num_warps=4, enable_fp_fusion=False,
     )
     return out
 
@@ -238,7 +251,7 @@ def nf4_dequantize_reference(packed: torch.Tensor, absmax: torch.Tensor, shape: 
     flat = packed.reshape(-1)
     codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n].long()
     blocks = torch.arange(n, device=packed.device) // blocksize
-    return (NF4_CODE.to(packed.device)[codes] * absmax[blocks]).to(dtype).reshape(shape)
+    return (code_table(packed.device)[codes] * absmax[blocks]).to(dtype).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------------

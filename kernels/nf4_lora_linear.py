@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from memcomp.kernels.backend import resolve
-from memcomp.kernels.nf4_dequantize import NESTED_BLOCKSIZE, NF4_CODE, nf4_dequantize, nf4_dequantize_reference
+from memcomp.kernels.nf4_dequantize import NESTED_BLOCKSIZE, code_table, nf4_dequantize, nf4_dequantize_reference
 
 try:
     import triton
@@ -137,7 +137,7 @@ def _fused_small_m(x, xa, packed, absmax, absmax2, code2, offset, N, K, blocksiz
     M = x.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     R = B.shape[1]
-    code = NF4_CODE.to(x.device)
+    code = code_table(x.device)
     nested = absmax2 is not None
     # 64 x 64 weight tiles, 8 warps, 2 stages: at 4 warps / 3 stages the sm_90 build spilled 48 B per thread
     # (r = 16, nested absmax) and took 109 KB of shared memory; this compiles to 114 registers, no spills, 59 KB
@@ -153,7 +153,7 @@ def _fused_small_m(x, xa, packed, absmax, absmax2, code2, offset, N, K, blocksiz
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCK=NESTED_BLOCKSIZE, HAS_BIAS=bias is not None,
         IEEE=x.dtype == torch.float32, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(R)),
-        num_warps=8, num_stages=2,
+        num_warps=8, num_stages=2, enable_fp_fusion=False,
     )
     return y
 

@@ -74,3 +74,15 @@ def test_compile_report_is_from_the_launch_configuration(reports):
     decode = [k for k in data["kernels"] if k["kernel"] == "_nf4_lora_linear_fwd_kernel"]
     assert decode and all(k["num_warps"] == 8 and k["num_stages"] == 2 for k in decode)
     assert all("*bf16" in k["signature"] for k in data["kernels"] if "bfloat16" in k["case"])
+
+
+def test_nf4_kernels_round_like_bitsandbytes(reports):
+    """bitsandbytes decodes a nested absmax as code2[q] * absmax2, rounded, then + offset, rounded; the GPU
+    build must not contract that into an FMA (the interpreter never does, so only the compiled code shows it)."""
+    _, data = reports[90]
+    # (the fp32 decode kernel's IEEE tl.dot is itself a loop of FMAs, so it is not counted)
+    nf4 = [k for k in data["kernels"] if k["kernel"] == "_nf4_dequantize_fwd_kernel"
+           or k["kernel"] == "_nf4_lora_linear_fwd_kernel" and "float32" not in k["case"]]
+    assert len(nf4) >= 12 and all(k["fma_f32"] == 0 for k in nf4), [(k["case"], k["fma_f32"]) for k in nf4]
+    attention = [k for k in data["kernels"] if k["kernel"] == "_packed_attention_fwd_kernel"]
+    assert any(k["fma_f32"] > 0 for k in attention)  # elsewhere the compiler does fuse: the count is real
