@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 from benchutil import HAS_CUDA, floor_ms, sync, time_ms
+from memcomp.kernels.packed_attention import flex_block_mask, packed_attention_flex
 
 from memcomp.fused import packed_attention, use_backend
 
@@ -34,7 +35,7 @@ def _lengths(case):
     return out
 
 
-def _impl(name):
+def _impl(name, cu=None, T=0):
     if name == "ours":
         def f(q, k, v, cu, m):
             with use_backend("triton"):
@@ -46,7 +47,8 @@ def _impl(name):
     if name == "flex":
         if not HAS_CUDA:
             pytest.skip("FlexAttention has no CPU backward; compiled flex needs a GPU")
-        return lambda q, k, v, cu, m: packed_attention(q, k, v, cu, m, impl="flex")
+        block_mask = flex_block_mask(cu, T, causal=True)  # built once, outside the timed region
+        return lambda q, k, v, cu, m: packed_attention_flex(q, k, v, cu, causal=True, block_mask=block_mask)
     return lambda q, k, v, cu, m: packed_attention(q, k, v, cu, m, impl="reference")
 
 
@@ -61,7 +63,7 @@ def test_packed_attention(benchmark, recorder, case, impl, mode):
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     g = torch.Generator(device=DEVICE).manual_seed(0)
     q, k, v = (torch.randn(T, h, D, device=DEVICE, dtype=DTYPE, generator=g).requires_grad_() for h in (HQ, HKV, HKV))
-    fn = _impl(impl)
+    fn = _impl(impl, cu, T)
     do = torch.randn(T, HQ, D, device=DEVICE, dtype=DTYPE)
     if mode == "fwd":
         def run():

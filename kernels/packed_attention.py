@@ -19,6 +19,7 @@ FlexAttention and the SDPA loop).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -32,7 +33,8 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-__all__ = ["packed_attention", "packed_attention_reference", "packed_attention_flex", "segment_ids"]
+__all__ = ["packed_attention", "packed_attention_reference", "packed_attention_flex", "flex_block_mask",
+           "segment_ids"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,6 +127,32 @@ if triton is not None:
         o_off, _ = _tile(rows, row_ok, h, stride_o_tok, stride_o_head, offs_d, d_ok)
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=q_mask)
         tl.store(lse_ptr + h * T + rows, m_i + tl.log(l_safe), mask=row_ok)
+
+    @triton.jit
+    def _packed_attention_bwd_delta_kernel(
+        # inputs (one layout)
+        o_ptr, do_ptr,
+        # output
+        delta_ptr,
+        # strides
+        stride_o_tok, stride_o_head,
+        # sizes
+        T, D,
+        # compile-time
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """delta[h, t] = sum_d dO[t, h, d] O[t, h, d] in fp64 (products of fp32-exact values are exact): on a
+        row that sees one key the exact dq is 0 and ds = dp - delta is pure rounding, so delta adds none of its
+        own (an fp32 delta doubled the dq error there). One read of O and dO in their own dtype."""
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        offs_d = tl.arange(0, BLOCK_D)
+        off, mask = _tile(rows, row_ok, h, stride_o_tok, stride_o_head, offs_d, offs_d < D)
+        o = tl.load(o_ptr + off, mask=mask, other=0.0).to(tl.float64)
+        do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float64)
+        tl.store(delta_ptr + h * T + rows, tl.sum(o * do, axis=1).to(tl.float32), mask=row_ok)
 
     @triton.jit
     def _packed_attention_bwd_dkdv_kernel(
@@ -280,13 +308,16 @@ def packed_attention_forward(q, k, v, cu_seqlens, seg, causal: bool, scale: floa
 def packed_attention_backward(do, q, k, v, out, lse, cu_seqlens, seg, causal: bool, scale: float):
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    do = do.contiguous()
-    # delta = rowsum(dO * O) in fp64: on rows that see one key the exact dq is 0 and ds = dp - delta is pure
-    # rounding, so delta must not add its own (fp32 doubled the dq error there).
-    delta = (do.double() * out.double()).sum(-1).float().t().contiguous()  # [Hq, T]
+    # The kernels read q, dO (and O) with one set of strides and k, v with another: no-ops for the usual
+    # contiguous projections, copies for anything else.
+    q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if T == 0:
         return dq, dk, dv
+    delta = torch.empty((Hq, T), device=q.device, dtype=torch.float32)
+    block_d = max(16, triton.next_power_of_2(D))
+    _packed_attention_bwd_delta_kernel[(triton.cdiv(T, 16), Hq)](
+        out, do, delta, out.stride(0), out.stride(1), T, D, BLOCK_T=16, BLOCK_D=block_d, num_warps=4)
     cfg = _config("dkdv", D, q.dtype)
     _packed_attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), Hkv)](
         q, k, v, do, lse, delta, cu_seqlens, seg,
@@ -372,20 +403,34 @@ def packed_attention_reference(q, k, v, cu_seqlens, causal: bool = True, scale: 
     return out
 
 
-def packed_attention_flex(q, k, v, cu_seqlens, causal: bool = True, scale: Optional[float] = None):
-    """PyTorch FlexAttention with a document block mask (GQA through enable_gqa)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+@functools.cache
+def _flex_attention(on_cuda: bool):
+    from torch.nn.attention.flex_attention import flex_attention
 
-    T = q.shape[0]
+    # Uncompiled, flex_attention runs an unfused reference that materialises every score (28 x 64K^2 at the
+    # encoder's shape); compiled once, it is the fused kernel the benchmarks compare against.
+    return torch.compile(flex_attention, dynamic=False) if on_cuda else flex_attention
+
+
+def flex_block_mask(cu_seqlens: torch.Tensor, T: int, causal: bool = True):
+    """FlexAttention BlockMask of the packed segments (build once per cu_seqlens and reuse)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
     seg = segment_ids(cu_seqlens, T)
 
     def mask_mod(b, h, qi, ki):
         same = seg[qi] == seg[ki]
         return same & (ki <= qi) if causal else same
 
-    block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
-    out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                         block_mask=block_mask, scale=scale, enable_gqa=True)
+    return create_block_mask(mask_mod, None, None, T, T, device=cu_seqlens.device, _compile=cu_seqlens.is_cuda)
+
+
+def packed_attention_flex(q, k, v, cu_seqlens, causal: bool = True, scale: Optional[float] = None, block_mask=None):
+    """PyTorch FlexAttention (compiled on CUDA) with a document block mask; GQA through enable_gqa."""
+    if block_mask is None:
+        block_mask = flex_block_mask(cu_seqlens, q.shape[0], causal)
+    out = _flex_attention(q.is_cuda)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                     block_mask=block_mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
 
 

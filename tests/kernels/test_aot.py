@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 KERNELS = {
     "_segment_mean_proj_fwd_kernel", "_segment_mean_proj_bwd_kernel", "_nf4_dequantize_fwd_kernel",
     "_nf4_lora_linear_fwd_kernel", "_packed_attention_fwd_kernel", "_packed_attention_bwd_dkdv_kernel",
-    "_packed_attention_bwd_dq_kernel",
+    "_packed_attention_bwd_dq_kernel", "_packed_attention_bwd_delta_kernel",
 }
 ARCHS = (90, 80)
 

@@ -62,6 +62,28 @@ def test_matches_per_segment_sdpa(segments, Hq, Hkv, D, dtype, causal, close_to_
         close_to_oracle(a, e, o, name)
 
 
+def test_strided_inputs_give_the_contiguous_gradients():
+    """q, k, v as views with unit stride in D but other token/head strides (a [H, T, D] tensor transposed, k and v
+    slices of one fused projection): the same output and gradients as contiguous copies."""
+    lengths = SEGMENTS["length-1-and-odd"]
+    T, cu = sum(lengths), _cu(lengths)
+    q0, k0, v0 = (t.float().to(DEVICE) for t in _qkv(T, 4, 2, 64))
+    dout = torch.randn(T, 4, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    q_base = q0.transpose(0, 1).contiguous().requires_grad_()              # [H, T, D]
+    kv_base = torch.cat([k0, v0], dim=1).requires_grad_()                   # [T, 2 Hkv, D]
+    with use_backend("triton"):
+        q, k, v = q_base.transpose(0, 1), kv_base[:, :2], kv_base[:, 2:]
+        assert not q.is_contiguous() and not k.is_contiguous()
+        out = packed_attention(q, k, v, cu)
+        dq, dkv = torch.autograd.grad(out, (q_base, kv_base), dout)
+        leaves = [t.clone().requires_grad_() for t in (q0, k0, v0)]
+        out_c = packed_attention(*leaves, cu)
+        grads_c = torch.autograd.grad(out_c, leaves, dout)
+    torch.testing.assert_close(out, out_c, rtol=0, atol=0)
+    torch.testing.assert_close(dq.transpose(0, 1), grads_c[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dkv, torch.cat(grads_c[1:], dim=1), rtol=1e-6, atol=1e-6)
+
+
 def test_segments_do_not_leak():
     """Changing one segment's keys and values leaves every other segment's output unchanged."""
     lengths = [16, 16, 16]
