@@ -129,6 +129,12 @@ def _scratch(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> 
     return buf
 
 
+def release_scratch() -> None:
+    """Free the reused dequantization buffers (they stay allocated between calls; a peak-memory measurement
+    that should count them starts from here)."""
+    _SCRATCH.clear()
+
+
 def _dequant_into(out: torch.Tensor, packed, absmax, absmax2, code2, offset, N, K, blocksize) -> torch.Tensor:
     return nf4_dequantize(packed, absmax, (N, K), blocksize, out.dtype, absmax2, code2, offset, out=out)
 
