@@ -15,7 +15,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_commit() -> str:
-    """Short commit of the checkout memcomp runs from, ``-dirty`` with uncommitted tracked changes."""
+    """Short commit of the checkout memcomp runs from, ``-dirty`` with uncommitted tracked changes;
+    ``$MEMCOMP_COMMIT`` when set (a copy of the tree without .git, as on a lent GPU machine)."""
+    if os.environ.get("MEMCOMP_COMMIT"):
+        return os.environ["MEMCOMP_COMMIT"]
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=_REPO, capture_output=True, text=True,
                                         timeout=10).stdout.strip()
