@@ -87,6 +87,7 @@ if triton is not None:
         T, D, GROUP, scale,
         # compile-time
         CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
@@ -112,7 +113,7 @@ if triton is not None:
             v_off, _ = _tile(cols, col_ok, hk, stride_v_tok, stride_v_head, offs_d, d_ok)
             k = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
             s = tl.where(_visible(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -120,7 +121,7 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -166,6 +167,7 @@ if triton is not None:
         T, D, GROUP, scale,
         # compile-time
         CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         hk = tl.program_id(1)
@@ -199,13 +201,13 @@ if triton is not None:
                 seg_q = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
                 # Keys along rows throughout (S^T = K Q^T): P^T and dS^T come out of their dots in the layout
                 # the dV and dK dots take as A operand, so no register tile is transposed.
-                st = tl.dot(k, tl.trans(q)) * scale
+                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
                 keep = _visible_t(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL)
                 pt = tl.where(keep, tl.exp(st - lse[None, :]), 0.0)
-                dv += tl.dot(pt.to(do.dtype), do)
-                dpt = tl.dot(v, tl.trans(do))
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
                 dst = pt * (dpt - delta[None, :]) * scale
-                dk += tl.dot(dst.to(q.dtype), q)
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
         tl.store(dk_ptr + kv_off, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -221,6 +223,7 @@ if triton is not None:
         T, D, GROUP, scale,
         # compile-time
         CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         h = tl.program_id(1)
@@ -246,11 +249,11 @@ if triton is not None:
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
             seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             p = tl.where(_visible(seg_q, seg_k, rows, cols, row_ok, col_ok, CAUSAL), tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None]) * scale
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         tl.store(dq_ptr + q_off, dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -285,7 +288,10 @@ def _config(kernel: str, D: int, dtype: torch.dtype) -> dict:
     else:  # dkdv: BLOCK_N keys per program, BLOCK_M queries per step
         cfg = dict(BLOCK_M=32, BLOCK_N=32 if fp32 and wide else 64, num_warps=8 if wide else 4,
                    num_stages=2 if wide else 3)
-    return dict(cfg, BLOCK_D=block_d)
+    # fp32 inputs get IEEE products: the fp32 path exists for exactness (tests on a GPU hold it to eager fp32),
+    # and TF32 carries 10-bit mantissas. Its FMA-loop dots spill heavily on sm_90; it is not a speed path.
+    # 16-bit inputs ignore the setting.
+    return dict(cfg, BLOCK_D=block_d, PRECISION="ieee" if fp32 else "tf32")
 
 
 def packed_attention_forward(q, k, v, cu_seqlens, seg, causal: bool, scale: float):
