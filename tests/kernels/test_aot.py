@@ -41,6 +41,8 @@ def reports(tmp_path_factory):
         results = list(pool.map(run, ARCHS))
     data = {}
     for arch, proc, path in results:
+        if proc.returncode == 3:  # memcomp.kernels.aot: this triton's JIT internals moved (not our kernels)
+            pytest.skip(proc.stderr.strip().splitlines()[-1])
         assert path.exists(), f"sm_{arch}: no report\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         data[arch] = (proc, json.loads(path.read_text()))
     return data
