@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a lent GPU should run:   bash bench/run_gpu.sh [all|tests|bench|ttft] [-k expression for bench]
+# What a lent GPU should run:   bash bench/run_gpu.sh [all|tests|bench|ttft|ttft32] [-k expression for bench]
 #
 # `all` (the default) runs the GPU test tier, the TTFT suite and the microbenchmarks in one device call and
 # ends inside a time budget (MEMCOMP_GPU_BUDGET_S, default 540 s, under the device tool's 600 s): each stage
@@ -10,6 +10,7 @@
 #   MEMCOMP_COMMIT=<sha> bash bench/run_gpu.sh ttft
 #   MEMCOMP_COMMIT=<sha> bash bench/run_gpu.sh bench "segment or encode or packed_attention or cross_entropy"
 #   MEMCOMP_COMMIT=<sha> bash bench/run_gpu.sh bench "nf4 or train_step"
+#   MEMCOMP_COMMIT=<sha> bash bench/run_gpu.sh ttft32     # Qwen2.5-32B where memory allows (OOM is recorded)
 # Before the first call, here: `bash bench/fetch_wheels.sh` (bitsandbytes, liger-kernel) and carry [".whl"].
 # Results (*.json|md|png with GPU, versions, commit, date) and logs go to $OUT when it is set (the device tool's
 # output folder: a call stopped at its limit still returns what finished), else to bench/results/. Copy them
@@ -18,7 +19,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-all}
 select=${2:-}
-case "$stage" in all|tests|bench|ttft) ;; *) echo "usage: bash bench/run_gpu.sh [all|tests|bench|ttft] [-k expr]"; exit 2;; esac
+case "$stage" in all|tests|bench|ttft|ttft32) ;;
+  *) echo "usage: bash bench/run_gpu.sh [all|tests|bench|ttft|ttft32] [-k expr]"; exit 2;; esac
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
@@ -73,6 +75,11 @@ if [ "$stage" = all ] || [ "$stage" = ttft ]; then
   runs="--warmup 3 --runs 20"; [ "$stage" = all ] && runs="--warmup 2 --runs 5"
   run_stage "TTFT" 200 python -m memcomp bench ttft --model-config qwen2.5-7b --lengths 4k,8k,16k,32k,64k,120k \
     $runs --out "$OUT" 2>&1 | tee "$OUT/ttft.log" | tail -14
+fi
+if [ "$stage" = ttft32 ]; then
+  # 64 GB of bf16 weights: the full-context prefill at 120K may not fit beside its KV cache and activations.
+  run_stage "TTFT 32B" 0 python -m memcomp bench ttft --model-config qwen2.5-32b --lengths 4k,16k,32k,64k,120k \
+    --warmup 1 --runs 3 --out "$OUT" 2>&1 | tee "$OUT/ttft32.log" | tail -14
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
   expr="not ttft"; [ -n "$select" ] && expr="($select) and not ttft"

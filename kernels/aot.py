@@ -38,9 +38,21 @@ import torch
 __all__ = ["Launch", "KernelReport", "capture_launches", "representative_launches", "compile_launch",
            "compile_all", "SHARED_LIMIT_BYTES", "TritonInternalsChanged"]
 
-# Largest shared memory one block may use (opt-in maximum), by compute capability.
+# Largest shared memory one block may use (opt-in maximum), and shared memory per SM, by compute capability.
 SHARED_LIMIT_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+SHARED_PER_SM_BYTES = {80: 167936, 86: 102400, 89: 102400, 90: 233472, 100: 233472, 120: 102400}
 MAX_REGISTERS = 255
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int) -> float:
+    """Resident warps per SM over the 64 possible (48 on sm_86/89/120), from registers (65,536 per SM, allocated
+    per warp in units of 256), shared memory (plus 1 KB reserved per block) and the 32-block limit."""
+    max_warps = 48 if arch in (86, 89, 120) else 64
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(32, max_warps // num_warps, 65536 // max(1, per_warp * num_warps))
+    if shared_bytes:
+        blocks = min(blocks, SHARED_PER_SM_BYTES.get(arch, 102400) // (shared_bytes + 1024))
+    return blocks * num_warps / max_warps
 
 
 @dataclasses.dataclass
@@ -66,6 +78,7 @@ class KernelReport:
     stack_bytes: int
     shared_bytes: int         # static (cubin) + dynamic (Triton's request at launch)
     fma_f32: int              # fp32 fused multiply-adds in the PTX (bit-exactness checks against unfused code)
+    occupancy: float          # resident warps per SM / the maximum (a static bound, not a measurement)
     compile_s: float
 
     def errors(self, arch: int) -> list[str]:
@@ -260,6 +273,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
         num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
         registers=usage["REG"], local_bytes=usage["LOCAL"], stack_bytes=usage["STACK"],
         shared_bytes=usage["SHARED"] + compiled.metadata.shared, fma_f32=compiled.asm["ptx"].count("fma.rn.f32"),
+        occupancy=occupancy(usage["REG"], usage["SHARED"] + compiled.metadata.shared, compiled.metadata.num_warps,
+                            arch),
         compile_s=seconds)
 
 
@@ -292,11 +307,11 @@ def compile_all(arch: int = 90, only: str | None = None, progress: bool = True) 
 
 
 def format_table(reports: list[KernelReport], arch: int) -> str:
-    rows = ["| kernel | first case | warps | stages | regs | spill B | smem KB | notes |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    rows = ["| kernel | first case | warps | stages | regs | spill B | smem KB | occupancy | notes |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in reports:
         rows.append(f"| {r.kernel} | {r.case} | {r.num_warps} | {r.num_stages} | {r.registers} | "
-                    f"{r.local_bytes + r.stack_bytes} | {r.shared_bytes / 1024:.1f} | "
+                    f"{r.local_bytes + r.stack_bytes} | {r.shared_bytes / 1024:.1f} | {r.occupancy:.0%} | "
                     f"{'; '.join(r.errors(arch) + r.warnings()) or '-'} |")
     return "\n".join(rows)
 

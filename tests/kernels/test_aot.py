@@ -88,3 +88,14 @@ def test_nf4_kernels_round_like_bitsandbytes(reports):
     assert len(nf4) >= 12 and all(k["fma_f32"] == 0 for k in nf4), [(k["case"], k["fma_f32"]) for k in nf4]
     attention = [k for k in data["kernels"] if k["kernel"] == "_packed_attention_fwd_kernel"]
     assert any(k["fma_f32"] > 0 for k in attention)  # elsewhere the compiler does fuse: the count is real
+
+
+def test_occupancy_bound():
+    """The static occupancy bound on worked cases (sm_90: 64K registers, 228 KB shared memory, 64 warps per SM)."""
+    from memcomp.kernels.aot import occupancy
+
+    assert occupancy(32, 0, 4, 90) == 1.0                 # 16 blocks of 4 warps fill the SM
+    assert occupancy(128, 0, 4, 90) == 0.25               # 128 x 32 x 4 = 16K registers a block: 4 blocks
+    assert occupancy(255, 0, 8, 90) == 0.125              # rounded to 256 per thread: 1 block of 8 warps
+    assert occupancy(64, 113 * 1024, 4, 90) == 2 * 4 / 64  # shared memory: 2 blocks of 114 KB
+    assert occupancy(32, 0, 4, 89) == 1.0 and occupancy(32, 0, 8, 89) == 1.0  # 48 warps per SM there
