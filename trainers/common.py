@@ -389,11 +389,24 @@ def _all_reduce(value: float, device, op: str = "sum") -> float:
     return float(t.item())
 
 
+# ZeRO-3 re-partitions a frozen parameter (the norms beside LoRA, NF4 codes) in place after each submodule's
+# forward, also inside a non-reentrant checkpoint recompute, which then finds it shrunk to shape [0]
+# (CheckpointError); DeepSpeed 0.19.3 keeps frozen parameters gathered during a recompute (deepspeedai/DeepSpeed
+# PR 8148).
+DEEPSPEED_FOR_CHECKPOINTING = (0, 19, 3)
+
+
 def setup_deepspeed(cfg: TrainConfig, comp, opt, sched):
     try:
         import deepspeed
     except ImportError as exc:
         raise ImportError("deepspeed=true needs DeepSpeed: pip install 'memcomp[deepspeed]'") from exc
+    version = tuple(int(x) for x in deepspeed.__version__.split("+")[0].split(".")[:3] if x.isdigit())
+    if cfg.activation_checkpointing and cfg.zero_stage == 3 and version < DEEPSPEED_FOR_CHECKPOINTING:
+        raise RuntimeError(
+            f"activation_checkpointing=true with ZeRO-3 needs DeepSpeed >= 0.19.3 (this is {deepspeed.__version__}: "
+            "its recompute of layers with frozen parameters fails); pip install -U 'memcomp[deepspeed]', or set "
+            "activation_checkpointing=false")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "gradient_clipping": cfg.max_grad_norm,
