@@ -28,7 +28,6 @@ bucketize, fine on a GPU for a 7B model; bench/bench_nf4_dequantize.py times bot
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -56,10 +55,19 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 
 
-@functools.cache
+_CODE_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
 def code_table(device: torch.device) -> torch.Tensor:
-    """NF4_CODE on ``device``, copied once: a host-to-device copy per call would synchronise the stream."""
-    return NF4_CODE.to(device)
+    """NF4_CODE on ``device``, copied once: a host-to-device copy per call would synchronise the stream. Not
+    kept when made under a fake-tensor mode (tracing) or while a CUDA graph is being captured."""
+    table = _CODE_TABLES.get(device)
+    if table is None:
+        table = NF4_CODE.to(device)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and torch._guards.detect_fake_mode() is None:
+            _CODE_TABLES[device] = table
+    return table
 
 
 def dynamic_map() -> torch.Tensor:
@@ -157,7 +165,7 @@ def nf4_dequantize_forward(packed: torch.Tensor, absmax: torch.Tensor, shape: tu
                            dtype: torch.dtype, absmax2: Optional[torch.Tensor] = None,
                            code2: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Launch the dequantize kernel. ``out`` may be a reused scratch buffer or a row-strided view into a
+    """Launch the dequantize kernel. ``out`` may be a reused scratch buffer, or (2-D) a row-strided view into a
     wider one (unit stride along the last dim)."""
     n = 1
     for s in shape:
@@ -166,11 +174,13 @@ def nf4_dequantize_forward(packed: torch.Tensor, absmax: torch.Tensor, shape: tu
         out = torch.empty(shape, device=packed.device, dtype=dtype)
     if n == 0:
         return out
-    if tuple(out.shape) != tuple(shape) or (out.dim() > 1 and out.stride(-1) != 1) or out.device != packed.device:
-        raise ValueError(f"nf4: out must be {tuple(shape)} on {packed.device} with unit stride along the last "
-                         f"dim, got {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    contiguous = out.is_contiguous()
+    if (tuple(out.shape) != tuple(shape) or out.device != packed.device
+            or not contiguous and (out.dim() != 2 or out.stride(1) != 1)):
+        raise ValueError(f"nf4: out must be {tuple(shape)} on {packed.device}, contiguous or a 2-D view with unit "
+                         f"stride along the last dim, got {tuple(out.shape)} strides {out.stride()} on {out.device}")
     K = shape[-1]
-    row_stride = out.stride(0) if out.dim() > 1 else K
+    row_stride = K if contiguous else out.stride(0)
     code = code_table(packed.device)
     nested = absmax2 is not None
     block_bytes = 1024
@@ -182,7 +192,7 @@ def nf4_dequantize_forward(packed: torch.Tensor, absmax: torch.Tensor, shape: tu
         out, row_stride,
         n, K,
         BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCK=NESTED_BLOCKSIZE, BLOCK_BYTES=block_bytes,
-        CONTIGUOUS=row_stride == K, num_warps=4, enable_fp_fusion=False,
+        CONTIGUOUS=contiguous, num_warps=4, enable_fp_fusion=False,
     )
     return out
 

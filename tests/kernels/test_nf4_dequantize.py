@@ -135,6 +135,33 @@ def test_dequantize_into_a_row_strided_view():
     assert torch.isnan(wide[:, 70:]).all(), "wrote outside the view"
 
 
+def test_dequantize_to_more_than_two_dims():
+    """Any dense shape (a stacked [experts, N, K] weight, say); a strided view must be 2-D and is refused
+    otherwise (it used to be indexed with the first stride and wrote past the buffer)."""
+    w = _weight((6, 64), torch.float32)
+    q = nf4_quantize(w)
+    flat = q.dequantize(torch.float32)
+    with use_backend("triton"):
+        out = nf4k.nf4_dequantize(q.packed, q.absmax, (2, 3, 64), 64, torch.float32, q.absmax2, q.code2, q.offset)
+        assert torch.equal(out.reshape(6, 64), flat)
+        wide = torch.full((2, 4, 64), float("nan"))
+        with pytest.raises(ValueError, match="2-D view"):
+            nf4k.nf4_dequantize(q.packed, q.absmax, (2, 3, 64), 64, torch.float32, q.absmax2, q.code2, q.offset,
+                                out=wide[:, :3])
+    assert torch.isnan(wide).all()
+
+
+def test_code_table_is_copied_once_and_never_from_a_trace():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    nf4k._CODE_TABLES.clear()
+    with FakeTensorMode():
+        nf4k.code_table(torch.device("cpu"))
+    assert not nf4k._CODE_TABLES
+    first = nf4k.code_table(torch.device("cpu"))
+    assert nf4k.code_table(torch.device("cpu")) is first and torch.equal(first, nf4k.NF4_CODE)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="2-D"):
         nf4_quantize(torch.randn(2, 3, 4))
