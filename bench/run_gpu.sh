@@ -26,21 +26,25 @@ mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
 export MEMCOMP_BENCH_RESULTS="$OUT"
 DEADLINE=$(( $(date +%s) + ${MEMCOMP_GPU_BUDGET_S:-540} ))
+STATUS=0   # the script's exit status: the first failing stage's (a stage cut by the budget counts as failing)
 
-# run_stage NAME SHARE_S CMD...: at most SHARE_S seconds and never past the deadline.
+# run_stage NAME SHARE_S CMD...: at most SHARE_S seconds and never past the deadline. Its output goes through
+# a pipe to a log, so the status travels in a file rather than through the pipeline.
 run_stage() {
   local name=$1 share=$2; shift 2
   local left=$(( DEADLINE - $(date +%s) ))
   [ "$stage" = all ] || share=$left
   [ "$share" -gt "$left" ] && share=$left
-  if [ "$share" -lt 20 ]; then echo "== $name: skipped, the time budget is spent"; return; fi
+  if [ "$share" -lt 20 ]; then echo "== $name: skipped, the time budget is spent"; echo 124 > "$OUT/.rc"; return; fi
   echo "== $name (up to ${share} s)"
   local t0=$(date +%s)
   timeout --signal=INT --kill-after=20 "$share" "$@"
   local rc=$?
-  [ $rc -eq 124 ] && echo "== $name: CUT at ${share} s (time budget); what it finished is written"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "== $name: CUT at ${share} s (time budget); what it finished is written"; fi
   echo "== $name: $(( $(date +%s) - t0 )) s, exit $rc"
+  echo $rc > "$OUT/.rc"
 }
+stage_done() { local rc; rc=$(cat "$OUT/.rc" 2>/dev/null || echo 1); rm -f "$OUT/.rc"; [ "$STATUS" -ne 0 ] || STATUS=$rc; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 # Carried wheels (bench/fetch_wheels.sh), installed beside the image's packages. Never reinstall torch.
@@ -69,20 +73,26 @@ if python -c "import pytest_timeout" 2>/dev/null; then T_TEST="--timeout=180"; T
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
   run_stage "GPU tests" 120 python -m pytest tests -m gpu -q -rs -p no:cacheprovider $T_TEST 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -15
+  stage_done
 fi
 if [ "$stage" = all ] || [ "$stage" = ttft ]; then
   # The paper's protocol is 3 warm-ups and 20 runs (the CLI default); in `all`, 2 and 5.
   runs="--warmup 3 --runs 20"; [ "$stage" = all ] && runs="--warmup 2 --runs 5"
   run_stage "TTFT" 200 python -m memcomp bench ttft --model-config qwen2.5-7b --lengths 4k,8k,16k,32k,64k,120k \
     $runs --out "$OUT" 2>&1 | tee "$OUT/ttft.log" | tail -14
+  stage_done
 fi
 if [ "$stage" = ttft32 ]; then
   # 64 GB of bf16 weights: the full-context prefill at 120K may not fit beside its KV cache and activations.
   run_stage "TTFT 32B" 0 python -m memcomp bench ttft --model-config qwen2.5-32b --lengths 4k,16k,32k,64k,120k \
     --warmup 1 --runs 3 --out "$OUT" 2>&1 | tee "$OUT/ttft32.log" | tail -14
+  stage_done
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
   expr="not ttft"; [ -n "$select" ] && expr="($select) and not ttft"
   run_stage "benchmarks" 600 python -m pytest bench --benchmark -k "$expr" -q -rs -p no:cacheprovider $T_BENCH \
     --benchmark-json="$OUT/pytest_benchmark.json" 2>&1 | tee "$OUT/bench.log" | grep -vE "^\s*$" | tail -60
+  stage_done
 fi
+echo "== run_gpu.sh: exit $STATUS"
+exit "$STATUS"
