@@ -17,6 +17,7 @@ implementation and kernel backend of the forward; ``check_checkpointing`` (run b
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -77,6 +78,21 @@ def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def _config_of(function, default):
+    """The config of the layer being checkpointed, looked up per call so that a deep copy of the model switches
+    its own config, not the original's. Hugging Face passes ``partial(forward, layer, ...)`` (5.2x) or
+    ``partial(layer.__call__, ...)`` (5.1x)."""
+    layer = None
+    if isinstance(function, functools.partial):
+        layer = function.args[0] if function.args else getattr(function.func, "__self__", None)
+    if isinstance(layer, torch.nn.Module):
+        for m in layer.modules():
+            config = getattr(m, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                return config
+    return default
+
+
 def enable_activation_checkpointing(model: torch.nn.Module, every_n_layers: int = 1) -> int:
     """Checkpoint every ``every_n_layers``-th decoder layer of ``model`` (non-reentrant), replaying each under
     the attention implementation and memcomp backend that its forward ran with. Returns the layers checkpointed."""
@@ -85,9 +101,8 @@ def enable_activation_checkpointing(model: torch.nn.Module, every_n_layers: int 
     layers = _layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Hugging Face GradientCheckpointingLayer to checkpoint")
-    config = model.config
-
     def checkpoint_packed(function, *args):
+        config = _config_of(function, model.config)
         impl, backend = config._attn_implementation, current_backend()  # as the forward runs
 
         @contextlib.contextmanager

@@ -226,6 +226,14 @@ def test_activation_checkpointing_keeps_packed_gradients(base_tokenizer, backend
     for a, b in zip(got, ref):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # A deep copy (an EMA or teacher model) replays under its own config, not the original's.
+    clone = copy.deepcopy(comp)
+    with use_backend(backend):
+        out = clone.forward_packed(batch)
+    cloned = torch.autograd.grad(out.loss, [p for p in clone.parameters() if p.requires_grad], allow_unused=True)
+    for a, b in zip(cloned, ref):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     comp.disable_activation_checkpointing()
     if hasattr(comp.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
