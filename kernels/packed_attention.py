@@ -277,11 +277,21 @@ def _config(kernel: str, D: int, dtype: torch.dtype) -> dict:
     tiles hold four 16-token chunks. At D = 128 in bf16 the old dK/dV configuration (64 x 64 tiles, 4 warps,
     3 stages, transposed register tiles) spilled 472 B per thread; keys-along-rows with 32-query steps and 8
     warps uses 192 registers and spills nothing. fp32 (tests, not a GPU training dtype) takes smaller tiles.
+    Head dims 129-256 (Gemma-style) take 32-key tiles: the 64 x 64 ones overflowed sm_90's shared memory in dQ.
     """
     block_d = max(16, triton.next_power_of_2(D))
+    if block_d > 256:
+        raise NotImplementedError(f"packed_attention: the Triton kernels take head dims up to 256, got {D}; use "
+                                  "impl='flash_attn' or impl='flex'")
     wide = block_d > 64
     fp32 = dtype == torch.float32
-    if kernel == "fwd":
+    if block_d > 128:
+        cfg = {"fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+               "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+               "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)}[kernel]
+        if fp32:
+            cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 32), num_warps=4, num_stages=1)
+    elif kernel == "fwd":
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if fp32 and wide else 4, num_stages=2 if fp32 else 3)
     elif kernel == "dq":
         cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if fp32 and wide else 2 if fp32 else 3)

@@ -44,6 +44,7 @@ CASES = [
     pytest.param("long-and-short", 8, 2, 128, torch.float32, id="gqa4-d128-long"),
     pytest.param("chunks-16", 4, 4, 64, torch.float16, id="fp16-mha-chunks"),
     pytest.param("length-1-and-odd", 4, 1, 64, torch.float16, id="fp16-gqa4-odd"),
+    pytest.param("long-and-short", 2, 1, 200, torch.float32, id="gqa2-d200-long"),  # the D in (128, 256] tiles
 ]
 
 
@@ -176,3 +177,9 @@ def test_gpu_flash_attn_agrees():
     theirs = packed_attention(q, k, v, cu, max_seqlen=300, impl="flash_attn")
     torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
 
+
+
+def test_head_dims_above_256_are_refused_by_the_triton_kernels():
+    q, k, v = (t.float().to(DEVICE) for t in _qkv(16, 2, 1, 320))
+    with use_backend("triton"), pytest.raises(NotImplementedError, match="up to 256"):
+        packed_attention(q, k, v, _cu([16]))
