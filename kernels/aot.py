@@ -46,10 +46,11 @@ MAX_REGISTERS = 255
 
 def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int) -> float:
     """Resident warps per SM over the 64 possible (48 on sm_86/89/120), from registers (65,536 per SM, allocated
-    per warp in units of 256), shared memory (plus 1 KB reserved per block) and the 32-block limit."""
+    per warp in units of 256), shared memory (plus 1 KB reserved per block) and the blocks-per-SM limit."""
     max_warps = 48 if arch in (86, 89, 120) else 64
+    max_blocks = {86: 16, 89: 24, 120: 24}.get(arch, 32)
     per_warp = -(-registers * 32 // 256) * 256
-    blocks = min(32, max_warps // num_warps, 65536 // max(1, per_warp * num_warps))
+    blocks = min(max_blocks, max_warps // num_warps, 65536 // max(1, per_warp * num_warps))
     if shared_bytes:
         blocks = min(blocks, SHARED_PER_SM_BYTES.get(arch, 102400) // (shared_bytes + 1024))
     return blocks * num_warps / max_warps
@@ -281,7 +282,7 @@ def compile_launch(launch: Launch, arch: int = 90) -> KernelReport:
 def _key(launch: Launch, backend) -> str:
     signature, constexprs, attrs, options = _specialize(launch, backend)
     return repr((launch.kernel.fn.__qualname__, sorted(signature.items()), sorted(constexprs.items()),
-                 sorted(attrs.items()), options.num_warps, options.num_stages))
+                 sorted(attrs.items()), sorted((k, repr(v)) for k, v in vars(options).items())))
 
 
 def compile_all(arch: int = 90, only: str | None = None, progress: bool = True) -> list[KernelReport]:

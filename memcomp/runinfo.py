@@ -15,17 +15,18 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_commit() -> str:
-    """Short commit of the checkout memcomp runs from, ``-dirty`` with uncommitted tracked changes;
-    ``$MEMCOMP_COMMIT`` when set (a copy of the tree without .git, as on a lent GPU machine)."""
-    if os.environ.get("MEMCOMP_COMMIT"):
-        return os.environ["MEMCOMP_COMMIT"]
+    """Short commit of the checkout memcomp runs from, ``-dirty`` with uncommitted tracked changes; where git
+    cannot tell (a copy of the tree without .git, as on a lent GPU machine), ``$MEMCOMP_COMMIT`` or "unknown"."""
+    fallback = os.environ.get("MEMCOMP_COMMIT") or "unknown"
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=_REPO, capture_output=True, text=True,
                                         timeout=10).stdout.strip()
-        commit = run("rev-parse", "--short", "HEAD") or "unknown"
+        commit = run("rev-parse", "--short", "HEAD")
+        if not commit:
+            return fallback
         return commit + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def run_metadata(device: str = "cuda") -> dict[str, Any]:
