@@ -396,13 +396,19 @@ def _all_reduce(value: float, device, op: str = "sum") -> float:
 DEEPSPEED_FOR_CHECKPOINTING = (0, 19, 3)
 
 
+def deepspeed_can_checkpoint(version: str) -> bool:
+    """Whether this DeepSpeed release recomputes ZeRO-3 layers with frozen parameters correctly."""
+    from packaging.version import Version
+
+    return Version(version).release[:3] >= DEEPSPEED_FOR_CHECKPOINTING
+
+
 def setup_deepspeed(cfg: TrainConfig, comp, opt, sched):
     try:
         import deepspeed
     except ImportError as exc:
         raise ImportError("deepspeed=true needs DeepSpeed: pip install 'memcomp[deepspeed]'") from exc
-    version = tuple(int(x) for x in deepspeed.__version__.split("+")[0].split(".")[:3] if x.isdigit())
-    if cfg.activation_checkpointing and cfg.zero_stage == 3 and version < DEEPSPEED_FOR_CHECKPOINTING:
+    if cfg.activation_checkpointing and cfg.zero_stage == 3 and not deepspeed_can_checkpoint(deepspeed.__version__):
         raise RuntimeError(
             f"activation_checkpointing=true with ZeRO-3 needs DeepSpeed >= 0.19.3 (this is {deepspeed.__version__}: "
             "its recompute of layers with frozen parameters fails); pip install -U 'memcomp[deepspeed]', or set "
