@@ -24,7 +24,10 @@ class MemoryFileError(ValueError):
 class Memory:
     """``embeddings [n_chunks, d]`` for a text of ``num_tokens`` tokens cut into ``chunk_size`` chunks.
 
-    ``fingerprint`` identifies the compressor that made it (see ``MemoryCompressor.fingerprint``).
+    ``fingerprint`` identifies the compressor that made it (``MemoryCompressor.fingerprint``: the chunk size, the
+    model's architecture fields and the exact contents of every tensor the encoder reads -- embeddings, decoder
+    layers, final norm, projection). ``MemoryCompressor.check_memory`` raises ``MemoryMismatchError`` when any of
+    them differs, so a memory is never read by a compressor whose weights changed after it was encoded.
     """
 
     embeddings: torch.Tensor

@@ -317,3 +317,131 @@ def test_gpu_encode_bf16_matches_naive(base_tokenizer):
     assert rel < 2e-2
     # NVTX ranges (encode, pool, generate, prefill) on a real device: balanced and harmless.
     assert len(comp.generate(mem, "Go", max_new_tokens=3)) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# generate: memcomp's defaults never override what the caller decided
+# --------------------------------------------------------------------------------------------------
+
+def _generate_ids(comp, mem, **kwargs):
+    """The token ids generate would decode (HF generate with memcomp's merged options)."""
+    from memcomp.compressor import _check_room, generation_kwargs
+
+    batch = comp.build_decoder_inputs([mem], ["Go"], padding_side="left")
+    kwargs = generation_kwargs(kwargs, pad_token_id=comp.tokenizer.pad_token_id)
+    _check_room(kwargs, batch.inputs_embeds.shape[1])
+    out = comp.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
+    return out[0], batch.inputs_embeds.shape[1]
+
+
+def test_generate_obeys_the_callers_length(make_compressor):
+    from transformers import GenerationConfig
+
+    comp = make_compressor()
+    mem = comp.encode(TEXTS[0])
+    _, prompt = _generate_ids(comp, mem, max_new_tokens=1)
+    # The failing input: max_length=5 with no EOS came back with 64 new tokens (memcomp's default won). The
+    # caller's max_length now reaches transformers, which counts the prompt positions in it; a max_length
+    # that leaves no room is refused with the count, not answered with 64 tokens.
+    with pytest.raises(ValueError, match=f"already takes {prompt} positions"):
+        comp.generate(mem, "Go", max_length=5, eos_token_id=None)
+    ids, _ = _generate_ids(comp, mem, max_length=prompt + 5, eos_token_id=None)
+    assert ids.numel() == 5
+    gc = GenerationConfig(max_length=prompt + 3, eos_token_id=None)
+    assert _generate_ids(comp, mem, generation_config=gc)[0].numel() == 3
+    gc = GenerationConfig(max_new_tokens=4, eos_token_id=None)
+    assert _generate_ids(comp, mem, generation_config=gc)[0].numel() == 4
+    assert _generate_ids(comp, mem, eos_token_id=None)[0].numel() == 64  # nothing decided: memcomp's default
+    text = comp.generate(mem, "Go", max_length=prompt + 5, eos_token_id=None)[0]
+    assert text == comp.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_generate_defaults_fill_only_what_the_caller_left_open():
+    from transformers import GenerationConfig
+
+    from memcomp.compressor import generation_kwargs
+
+    assert generation_kwargs({}, pad_token_id=7) == {"max_new_tokens": 64, "do_sample": False, "pad_token_id": 7}
+    assert generation_kwargs({"max_length": 5}, pad_token_id=7) == {"max_length": 5, "do_sample": False,
+                                                                    "pad_token_id": 7}
+    cfg = GenerationConfig(do_sample=True, temperature=0.7, max_new_tokens=9, pad_token_id=3)
+    assert generation_kwargs({"generation_config": cfg}, pad_token_id=7) == {"generation_config": cfg}
+    assert generation_kwargs({"do_sample": True, "top_p": 0.9}, pad_token_id=7)["do_sample"] is True
+    with pytest.raises(ValueError, match="temperature set without do_sample"):
+        generation_kwargs({"temperature": 0.7}, pad_token_id=7)
+    with pytest.raises(ValueError, match="top_k set without do_sample"):
+        generation_kwargs({"generation_config": GenerationConfig(top_k=5)}, pad_token_id=7)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprint: any change to a tensor the encoder reads invalidates old memories
+# --------------------------------------------------------------------------------------------------
+
+def test_sparse_embedding_update_invalidates_the_memory(base_tokenizer):
+    """The failing input: embedding matrix padded to 4,096 rows, one AdamW step that changes only the rows of
+    the text's tokens; the memory moved by ~0.17 and the old one was still accepted."""
+    import copy
+
+    tok = copy.deepcopy(base_tokenizer)
+    comp = MemoryCompressor.from_base(tiny_model(tok), tok, CompressorConfig(chunk_size=4))
+    comp.model.resize_token_embeddings(4096)
+    mem = comp.encode(TEXTS[0])
+    ids = comp.tokenize(TEXTS[0])
+    emb = comp.model.get_input_embeddings().weight
+    opt = torch.optim.AdamW([emb], lr=1e-2)
+    emb.grad = torch.zeros_like(emb)
+    emb.grad[ids.unique()] = torch.randn(ids.unique().numel(), emb.shape[1])
+    before = emb.detach().clone()
+    opt.step()
+    changed = (emb.detach() != before).any(1)
+    # AdamW's weight decay touches every row; undo it outside the text's rows so only those rows change.
+    with torch.no_grad():
+        emb[~torch.isin(torch.arange(emb.shape[0]), ids)] = before[~torch.isin(torch.arange(emb.shape[0]), ids)]
+    changed = (emb.detach() != before).any(1)
+    assert changed.sum() == ids.unique().numel() and changed.sum() < 0.05 * emb.shape[0]
+    moved = (comp.encode(TEXTS[0]).embeddings - mem.embeddings).abs().max()
+    assert moved > 1e-3, "the update should move the memory"
+    with pytest.raises(MemoryMismatchError, match="re-encode"):
+        comp.check_memory(mem)
+
+
+@pytest.mark.parametrize("where", ["one_element_of_a_layer", "final_norm", "projection_bias", "nf4_buffer",
+                                   "swap_two_elements"])
+def test_fingerprint_sees_every_encoder_tensor(make_compressor, where):
+    from memcomp.fqlora import FQLoRAConfig, apply_fqlora
+
+    comp = make_compressor()
+    if where == "nf4_buffer":
+        apply_fqlora(comp, FQLoRAConfig(rank=2, full_ft_layers=(0,)))
+    fp = comp.fingerprint()
+    with torch.no_grad():
+        if where == "one_element_of_a_layer":
+            w = comp.model.model.layers[1].mlp.down_proj.weight
+            w.view(-1)[w.numel() // 2 + 1] += 1e-3
+        elif where == "final_norm":
+            comp.model.model.norm.weight[3] += 1e-3
+        elif where == "projection_bias":
+            comp.projection.bias[-1] += 1e-3
+        elif where == "nf4_buffer":
+            comp.model.model.layers[1].self_attn.q_proj.nf4_packed[5] ^= 1
+        else:
+            w = comp.model.model.layers[0].self_attn.v_proj.weight.view(-1)
+            w[[1, 2]] = w[[2, 1]].clone()
+    assert comp.fingerprint() != fp
+
+
+def test_fingerprint_ignores_the_lm_head_and_survives_save_load(make_compressor, tmp_path):
+    comp = make_compressor()
+    fp = comp.fingerprint()
+    assert comp.fingerprint() == fp  # cached, and deterministic
+    if not comp.model.config.tie_word_embeddings:
+        with torch.no_grad():
+            comp.model.lm_head.weight[0, 0] += 1.0  # the encoder never reads the LM head
+        assert comp.fingerprint() == fp
+    comp.save_pretrained(tmp_path)
+    assert MemoryCompressor.from_pretrained(tmp_path).fingerprint() == comp.fingerprint()
+    with torch.no_grad():  # a new storage with the same values keeps the fingerprint; other values change it
+        comp.projection.weight.data = comp.projection.weight.data.clone()
+    assert comp.fingerprint() == fp
+    comp.projection.weight.data = comp.projection.weight.data * 2
+    assert comp.fingerprint() != fp
