@@ -3,7 +3,8 @@
 Backends:
   ``auto``      (default) Triton on CUDA tensors, the eager PyTorch reference otherwise;
   ``triton``    always the Triton kernels; CPU tensors need ``TRITON_INTERPRET=1`` set before triton is
-                imported (the interpreter then runs them on the CPU, slowly: tests only);
+                imported (the interpreter then runs them on the CPU, slowly: tests only; bf16 kernels that
+                multiply tiles run on fp32 copies there, see ``interpreter_bf16``);
   ``reference`` always the eager PyTorch reference.
 
 Chosen by the environment variable ``MEMCOMP_BACKEND`` or, in code, ``with use_backend("reference"):``
@@ -67,6 +68,16 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def interpreter_bf16(*tensors: torch.Tensor | None) -> bool:
+    """Whether a Triton launch on these tensors would run in Triton's interpreter with bfloat16 data. The
+    interpreter computes bf16 ``tl.dot`` wrongly (errors of 1e8 and more, no error raised), so launchers whose
+    kernels multiply bf16 tiles run them on fp32 copies and round the result to bf16 instead: correct values,
+    at interpreter speed. Kernels that upcast right after loading (segment_mean_proj, nf4_dequantize) are right
+    in bf16 as they are. Never true for CUDA tensors."""
+    return interpreter_enabled() and any(
+        t is not None and not t.is_cuda and t.dtype == torch.bfloat16 for t in tensors)
 
 
 @functools.cache

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from memcomp.kernels.backend import resolve
+from memcomp.kernels.backend import interpreter_bf16, resolve
 from memcomp.kernels.nf4_dequantize import NESTED_BLOCKSIZE, code_table, nf4_dequantize, nf4_dequantize_reference
 
 try:
@@ -300,6 +300,10 @@ def nf4_lora_linear_raw(x2d, xd2d, packed, absmax, absmax2, code2, offset, N, K,
     if resolve("nf4_lora_linear", x2d, packed, A, B, bias) == "reference":
         return nf4_lora_linear_reference(x2d, xd2d, packed, absmax, absmax2, code2, offset, N, K, blocksize, A, B,
                                          scaling, bias)
+    if interpreter_bf16(x2d, A, B, bias):  # the interpreter's bf16 tl.dot is wrong: fp32 copies, bf16 result
+        up = lambda t: None if t is None else t.float()
+        return nf4_lora_linear_raw(up(x2d), up(xd2d), packed, absmax, absmax2, code2, offset, N, K, blocksize,
+                                   up(A), up(B), scaling, up(bias)).to(x2d.dtype)
     y, _ = _nf4_lora_linear_op(x2d, xd2d, packed, absmax, absmax2, code2, offset, N, K, blocksize, A, B,
                                float(scaling), bias)
     return y

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from memcomp.kernels._validate import check_cu_seqlens
-from memcomp.kernels.backend import resolve
+from memcomp.kernels.backend import interpreter_bf16, resolve
 
 try:
     import triton
@@ -503,6 +503,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return packed_attention_flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    if interpreter_bf16(q, k, v):  # the interpreter's bf16 tl.dot is wrong: fp32 copies, bf16 result
+        return packed_attention(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, causal, scale,
+                                impl="triton", check_inputs=False).to(q.dtype)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, _ = _packed_attention_op(q, k, v, cu_seqlens.to(torch.int32), causal, scale)
     return out
