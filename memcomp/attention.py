@@ -38,11 +38,45 @@ def _memcomp_packed_attention(module: torch.nn.Module, query: torch.Tensor, key:
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row (batch size 1), got batch size {query.shape[0]}")
     if dropout and module.training:
-        raise NotImplementedError("memcomp_packed attention has no attention dropout (Qwen2 trains without it)")
+        raise NotImplementedError(f"memcomp_packed attention has no attention dropout (this model asks for "
+                                  f"{dropout}); set config.attention_dropout = 0.0 (Qwen2, Llama and Mistral "
+                                  "train without it) or train unpacked")
+    _check_supported(kwargs, cu)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))           # [T, H, D]
-    out = packed_attention(q, k, v, cu, kwargs.get("max_length_q"), causal=is_causal is not False,
+    out = packed_attention(q, k, v, cu, kwargs.get("max_length_q"), causal=_causal(module, is_causal),
                            softmax_scale=scaling, check_inputs=not cu.is_cuda)
     return out[None], None
+
+
+# Attention features some transformers models pass to the attention function that the packed kernel does not
+# implement; each is refused by name rather than ignored (an ignored one gives silently different losses).
+_UNSUPPORTED = {"softcap": "logit soft-capping", "s_aux": "attention sinks", "sinks": "attention sinks"}
+
+
+def _check_supported(kwargs: dict, cu: torch.Tensor) -> None:
+    """Raise ``NotImplementedError`` for an attention feature of the calling model that packed attention would
+    otherwise ignore. A sliding window is exact -- and accepted -- when no packed segment is longer than it
+    (every query then sees its whole segment, as the window allows); a longer segment is refused."""
+    for name, what in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"memcomp_packed attention has no {what} ({name}={kwargs[name]!r} from the "
+                                      "model); run this model unpacked")
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        longest = kwargs.get("max_length_q")
+        if longest is None:
+            longest = int((cu[1:] - cu[:-1]).max())
+        if longest > window:
+            raise NotImplementedError(
+                f"memcomp_packed attention has no sliding window: a packed segment of {longest} tokens is longer "
+                f"than the model's sliding_window={window}, so its queries would see keys the model hides; keep "
+                f"every sample (decoder side) within {window} tokens, or run this model unpacked")
+
+
+def _causal(module: torch.nn.Module, is_causal) -> bool:
+    """transformers passes ``is_causal`` only from some models; otherwise the module's own flag decides (an
+    encoder-style module with ``is_causal = False`` attends both ways)."""
+    return bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
 
 
 def _no_mask(*args, **kwargs):

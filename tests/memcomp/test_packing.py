@@ -165,12 +165,20 @@ def _unpacked_losses(comp, s):
     return comp(instructions=[s.after], targets=[s.target[:-1]], contexts=[s.context]).token_losses
 
 
-@pytest.mark.parametrize("wrapper", ["per_embedding", "per_block"])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_packed_forward_equals_unpacked_losses_and_gradients(base_tokenizer, wrapper, backend):
+INVARIANT_CASES = [("qwen2", "per_embedding", "reference"), ("qwen2", "per_embedding", "triton"),
+                   ("qwen2", "per_block", "reference"), ("qwen2", "per_block", "triton"),
+                   ("llama", "per_embedding", "triton"), ("mistral", "per_embedding", "triton"),
+                   ("mistral-window-fits", "per_block", "triton")]
+
+
+@pytest.mark.parametrize("family,wrapper,backend", INVARIANT_CASES)
+def test_packed_forward_equals_unpacked_losses_and_gradients(base_tokenizer, family, wrapper, backend):
     tok = copy.deepcopy(base_tokenizer)
-    comp = MemoryCompressor.from_base(tiny_model(tok, hidden=64, layers=2), tok,
-                                      CompressorConfig(chunk_size=4, wrapper=wrapper))
+    model = tiny_model(tok, family=family.split("-")[0], hidden=64, layers=2)
+    comp = MemoryCompressor.from_base(model, tok, CompressorConfig(chunk_size=4, wrapper=wrapper))
+    if family == "mistral-window-fits":  # a sliding window no packed segment exceeds changes nothing: exact
+        (batch,) = PackingCollator.from_compressor(comp, max_tokens=1024)(_samples(comp))
+        model.config.sliding_window = batch.dec_max_seqlen
     with torch.no_grad():
         comp.projection.weight.add_(0.05 * torch.randn_like(comp.projection.weight))
     samples = _samples(comp)
@@ -261,3 +269,63 @@ def test_chatml_rows_are_isolated(comp):
         packed = comp.forward_packed(together).token_losses
         alone = torch.cat([comp.forward_packed(coll([samples[i]])[0]).token_losses for i in together.sample_index])
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+# -- attention features the packed kernel does not implement are refused, never ignored -------------------------
+
+def test_sliding_window_shorter_than_a_segment_is_refused(base_tokenizer):
+    """The failing input: a tiny Mistral with sliding_window=6 and a QA sample whose decoder segment is longer:
+    packed losses differed from the sample run alone by up to 0.18, silently."""
+    tok = copy.deepcopy(base_tokenizer)
+    model = tiny_model(tok, family="mistral", hidden=64, layers=2)
+    model.config.sliding_window = 6
+    comp = MemoryCompressor.from_base(model, tok, CompressorConfig(chunk_size=4))
+    docs = [comp.tokenize(t).tolist() for t in TEXTS]
+    sample = SampleBuilder(comp.tokenizer, "flat", chunk_size=4).qa(docs[2][:9], "What is it?", docs[0][:5])
+    (batch,) = PackingCollator.from_compressor(comp, max_tokens=1024)([sample])
+    assert batch.dec_max_seqlen > 6
+    with pytest.raises(NotImplementedError, match="sliding_window=6"):
+        comp.forward_packed(batch)
+
+
+@pytest.mark.parametrize("feature", ["softcap", "s_aux", "dropout"])
+def test_unimplemented_attention_features_are_refused(comp, feature):
+    from memcomp.attention import _memcomp_packed_attention
+
+    attn = comp.model.model.layers[0].self_attn.train()
+    q, k = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    kwargs = {"dropout": 0.1} if feature == "dropout" else {feature: 0.5}
+    with pytest.raises(NotImplementedError, match="dropout" if feature == "dropout" else feature):
+        _memcomp_packed_attention(attn, q, k, k, None, cu_seq_lens_q=cu, max_length_q=6, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_non_default_scaling_and_bidirectional_modules(comp, backend):
+    """The model's own softmax scale reaches the kernel, and a module with is_causal = False attends both ways."""
+    m = comp.model
+    for layer in m.model.layers:
+        layer.self_attn.scaling = 0.37
+    a, b = torch.randint(0, 250, (5,)), torch.randint(0, 250, (9,))
+    cu = torch.tensor([0, 5, 14], dtype=torch.int32)
+    pos = torch.cat([torch.arange(5), torch.arange(9)])[None]
+    with torch.no_grad():
+        alone = [m.model(input_ids=t[None]).last_hidden_state[0] for t in (a, b)]
+        with packed_attention_mode(m), use_backend(backend):
+            h = m.model(input_ids=torch.cat([a, b])[None], position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                        max_length_q=9, max_length_k=9).last_hidden_state[0]
+    torch.testing.assert_close(h[:5], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h[5:], alone[1], rtol=1e-5, atol=1e-5)
+
+    from memcomp.kernels.packed_attention import packed_attention_reference
+
+    from memcomp.attention import _memcomp_packed_attention
+
+    attn = m.model.layers[0].self_attn
+    attn.is_causal = False
+    q, k, v = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with use_backend(backend):
+        out, _ = _memcomp_packed_attention(attn, q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, max_length_q=6)
+    ref = packed_attention_reference(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, False, 0.25)
+    torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-5)
