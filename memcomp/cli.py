@@ -43,8 +43,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ttft_defaults(args: argparse.Namespace) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.device is None:
+        args.device = "cuda" if cuda else "cpu"
+    on_gpu = args.device.startswith("cuda")
+    if args.model_config is None:
+        args.model_config = "qwen2.5-7b" if on_gpu else "tiny"
+    if args.lengths is None:
+        args.lengths = "4k,8k,16k,32k,64k,120k" if on_gpu else "256,1k"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if on_gpu else "float32"
+
+
 def _bench_ttft(args: argparse.Namespace) -> int:
     from memcomp.ttft import TTFTConfig, format_table, parse_lengths, run_ttft, write_outputs
+
+    _ttft_defaults(args)
 
     try:
         cfg = TTFTConfig(model_config=args.model_config, lengths=parse_lengths(args.lengths),
@@ -84,7 +101,10 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from memcomp import __version__
+
     parser = argparse.ArgumentParser(prog="memcomp", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"memcomp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a tiny compressor on CPU and show that memory carries the text")
     demo.add_argument("--preset", default="tiny", help="tiny (default, ~10 min on 2 cores), small (GPU), smoke")
@@ -96,21 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks outside pytest")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     ttft = bench_sub.add_parser("ttft", help="time to first token and peak memory, full context vs memory")
-    import torch as _torch
-
-    cuda = _torch.cuda.is_available()
-    ttft.add_argument("--model-config", default="qwen2.5-7b" if cuda else "tiny",
-                      help="qwen2.5-7b, qwen2.5-32b or tiny (random weights of the real shapes)")
-    ttft.add_argument("--lengths", default="4k,8k,16k,32k,64k,120k" if cuda else "256,1k",
-                      help="context lengths, e.g. 4k,8k,120k")
+    # Defaults that depend on CUDA are resolved after parsing (_ttft_defaults): --help never imports torch.
+    ttft.add_argument("--model-config", default=None,
+                      help="qwen2.5-7b, qwen2.5-32b or tiny (random weights of the real shapes); default qwen2.5-7b "
+                      "with CUDA, tiny without")
+    ttft.add_argument("--lengths", default=None,
+                      help="context lengths, e.g. 4k,8k,120k; default 4k,8k,16k,32k,64k,120k with CUDA, 256,1k without")
     ttft.add_argument("--chunk-size", type=int, default=16)
     ttft.add_argument("--question-tokens", type=int, default=32)
     ttft.add_argument("--warmup", type=int, default=3, help="warm-up runs per case (paper: 3)")
     ttft.add_argument("--runs", type=int, default=20, help="timed runs per case (paper: 20)")
-    ttft.add_argument("--device", default="cuda" if cuda else "cpu")
-    ttft.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    ttft.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    ttft.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
     ttft.add_argument("--no-end-to-end", action="store_true", help="skip the encode + prefill case")
-    ttft.add_argument("--out", default="bench/results", help="folder for the JSON, Markdown table and PNG")
+    ttft.add_argument("--out", default=os.path.join("runs", "ttft"),
+                      help="folder for the JSON, Markdown table and PNG (default runs/ttft under the current folder)")
     ttft.set_defaults(func=_bench_ttft)
     info = sub.add_parser("info", help="versions, devices, backend")
     info.set_defaults(func=_info)

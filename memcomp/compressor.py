@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -180,6 +181,18 @@ def _eps_of(norm: nn.Module) -> float:
     raise ValueError(f"cannot find the epsilon of the final norm {type(norm).__name__}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) or (
+        isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool)
+
+
+def _is_one_text(x: Any) -> bool:
+    """A str, a 1-D tensor, or a list / tuple of ints (``[]`` included) is one text; anything else may be many."""
+    if isinstance(x, str) or (isinstance(x, torch.Tensor) and x.dim() == 1):
+        return True
+    return isinstance(x, (list, tuple)) and all(_is_int(v) for v in x)
+
+
 class MemoryCompressor(nn.Module):
     """Wraps a Hugging Face causal LM (Qwen2 / Llama / Mistral families) by composition."""
 
@@ -190,6 +203,10 @@ class MemoryCompressor(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.projection = projection
+        window = getattr(model.config, "max_position_embeddings", None)
+        if window is not None and config.chunk_size > window:
+            raise ValueError(f"chunk_size={config.chunk_size} is longer than the model's context window "
+                             f"(max_position_embeddings={window}): each chunk is encoded in one pass")
         self.mem_start_id = tokenizer.convert_tokens_to_ids(config.mem_start_token)
         self.mem_end_id = tokenizer.convert_tokens_to_ids(config.mem_end_token)
         self._fp_key: Optional[tuple] = None
@@ -381,12 +398,46 @@ class MemoryCompressor(nn.Module):
     # ------------------------------------------------------------------------------------------------
 
     def tokenize(self, text: TextOrIds) -> torch.Tensor:
+        """One text -> its token ids, ``[T]`` int64. The one rule for token ids across the API (``encode``,
+        ``generate``, ``build_decoder_inputs``, ``forward``): a text is a ``str`` (tokenized here, no special
+        tokens), a list of ints, or a 1-D integer tensor. Raises ``TypeError`` for float / bool ids or a list
+        mixing other things, ``ValueError`` for a tensor that is not 1-D (a tokenizer's ``[1, T]`` output:
+        pass ``input_ids[0]``; a padded ``[B, T]`` batch would read its padding as text) and for ids outside
+        the model's vocabulary ``[0, V)``."""
         if isinstance(text, str):
             return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        ids = torch.as_tensor(text, dtype=torch.long)
-        if ids.dim() != 1:
-            raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+        if isinstance(text, torch.Tensor):
+            if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
+                raise TypeError(f"token ids must be integers, got a {text.dtype} tensor")
+            if text.dim() != 1:
+                raise ValueError(f"token ids of one text must be 1-D [T], got shape {tuple(text.shape)}; for a "
+                                 "tokenizer's [1, T] output pass input_ids[0], for several texts a list of 1-D "
+                                 "tensors (a padded [B, T] batch would read its padding as text)")
+            ids = text.to(torch.long)
+        elif isinstance(text, (list, tuple)):
+            bad = next((v for v in text if not _is_int(v)), None)
+            if bad is not None:
+                raise TypeError(f"token ids must be ints, got {type(bad).__name__} {bad!r} in the list (a text is "
+                                "a str, a list of ints or a 1-D integer tensor)")
+            ids = torch.tensor([int(v) for v in text], dtype=torch.long)
+        else:
+            raise TypeError(f"a text is a str, a list of ints or a 1-D integer tensor, got {type(text).__name__}")
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}) (the model's vocabulary), got "
+                             f"{int(ids.min())} .. {int(ids.max())}")
         return ids
+
+    def _as_texts(self, inputs: Any) -> tuple[list[Any], bool]:
+        """(texts, single): one text (``tokenize``'s rule) or a list / tuple of texts."""
+        if _is_one_text(inputs):
+            return [inputs], True
+        if isinstance(inputs, (list, tuple)):
+            return list(inputs), False
+        if isinstance(inputs, torch.Tensor):
+            self.tokenize(inputs)  # raises the one-rule error (dtype, or a [B, T] tensor)
+        raise TypeError(f"expected a text (str, list of ints, 1-D integer tensor) or a list of texts, got "
+                        f"{type(inputs).__name__}")
 
     @contextlib.contextmanager
     def _without_final_norm(self) -> Iterator[nn.Module]:
@@ -452,10 +503,9 @@ class MemoryCompressor(nn.Module):
     @torch.no_grad()
     def encode(self, inputs: Union[TextOrIds, Sequence[str]], *, chunks_per_batch: Optional[int] = None,
                progress: Optional[bool] = None) -> Union[Memory, list[Memory]]:
-        """Text (str or 1-D token ids) -> ``Memory``; a list of strings -> a list of ``Memory``."""
-        single = isinstance(inputs, str) or (isinstance(inputs, torch.Tensor) and inputs.dim() == 1) or (
-            isinstance(inputs, (list, tuple)) and (len(inputs) == 0 or isinstance(inputs[0], int)))
-        texts = [inputs] if single else list(inputs)
+        """One text (a str, a list of ints or a 1-D integer tensor: ``tokenize``'s rule; ``[]`` is one empty text)
+        -> ``Memory``; a list of texts -> a list of ``Memory``."""
+        texts, single = self._as_texts(inputs)
         ids = [self.tokenize(t) for t in texts]
         embs = self.encode_chunks(ids, chunks_per_batch=chunks_per_batch, progress=progress)
         fp = self.fingerprint()
@@ -656,7 +706,7 @@ class MemoryCompressor(nn.Module):
         room after the prompt."""
         if isinstance(memories, (Memory, torch.Tensor)):
             memories = [memories]
-        if isinstance(prompts, str):
+        if _is_one_text(prompts):  # one prompt (str or token ids) for every memory
             prompts = [prompts] * len(memories)
         batch = self.build_decoder_inputs(memories, prompts, padding_side="left", prefixes=prefixes)
         generate_kwargs = generation_kwargs(generate_kwargs, pad_token_id=self.tokenizer.pad_token_id)

@@ -36,8 +36,12 @@ class Memory:
     fingerprint: str
 
     def __post_init__(self) -> None:
-        if self.embeddings.dim() != 2:
-            raise ValueError(f"Memory.embeddings must be [n_chunks, d], got {tuple(self.embeddings.shape)}")
+        if not isinstance(self.embeddings, torch.Tensor) or self.embeddings.dim() != 2:
+            shape = tuple(getattr(self.embeddings, "shape", ()))
+            raise ValueError(f"Memory.embeddings must be a [n_chunks, d] tensor, got {shape or type(self.embeddings)}")
+        if not self.embeddings.is_floating_point():
+            raise TypeError(f"Memory.embeddings must be floating point (the decoder's input embeddings), got "
+                            f"{self.embeddings.dtype}")
         if self.chunk_size < 1 or self.num_tokens < 0:
             raise ValueError(f"Memory needs chunk_size >= 1 and num_tokens >= 0, got {self.chunk_size}, "
                              f"{self.num_tokens}")
@@ -70,6 +74,9 @@ class Memory:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Memory:
+        """Read a memory written by ``save``. Raises ``MemoryFileError`` for a missing, truncated, corrupt or
+        foreign file, ``RuntimeError`` when the file is fine but ``device`` cannot take it (e.g. "cuda" without
+        CUDA)."""
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -83,8 +90,12 @@ class Memory:
                     raise MemoryFileError(f"{path} is a safetensors file but not a memcomp memory "
                                           f"(metadata format={meta.get('format')!r}, tensors={keys})")
                 emb = f.get_tensor("embeddings")
-            return cls(emb.to(device), int(meta["num_tokens"]), int(meta["chunk_size"]), meta["fingerprint"])
+            memory = cls(emb, int(meta["num_tokens"]), int(meta["chunk_size"]), meta["fingerprint"])
         except MemoryFileError:
             raise
         except Exception as exc:  # safetensors raises several types on truncated/corrupt headers
             raise MemoryFileError(f"cannot read memory file {path}: it is truncated or corrupt ({exc})") from exc
+        try:  # the file is fine from here on: a device error is not a file error
+            return memory.to(device)
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise RuntimeError(f"read memory file {path}, but cannot place it on device {device!r}: {exc}") from exc

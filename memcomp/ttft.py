@@ -66,7 +66,7 @@ class TTFTConfig:
     device: str = "cuda"
     dtype: str = "bfloat16"
     end_to_end: bool = True
-    out_dir: str = "bench/results"
+    out_dir: str = "runs/ttft"
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.runs < 1:

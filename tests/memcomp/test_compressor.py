@@ -73,8 +73,12 @@ def test_encoder_skips_lm_head_and_restores_final_norm(make_compressor):
     assert calls == {"lm_head": 0, "norm": 0}, "encoder ran the LM head or the model's own final norm"
     assert comp.model.model.norm is norm
     # Restored even when the encoder fails half-way.
-    with pytest.raises(IndexError):
-        comp.encode(torch.tensor([10_000]))
+    def fail(*args, **kwargs):
+        raise RuntimeError("layer failed")
+
+    comp.model.model.layers[1].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="layer failed"):
+        comp.encode(TEXTS[0])
     assert comp.model.model.norm is norm
 
 
@@ -445,3 +449,56 @@ def test_fingerprint_ignores_the_lm_head_and_survives_save_load(make_compressor,
     assert comp.fingerprint() == fp
     comp.projection.weight.data = comp.projection.weight.data * 2
     assert comp.fingerprint() != fp
+
+
+# --------------------------------------------------------------------------------------------------
+# One rule for token ids across the API
+# --------------------------------------------------------------------------------------------------
+
+def test_generate_takes_a_prompt_as_token_ids(make_compressor):
+    """The failing input: generate(mem, ids) with the prompt as a list of ints or a 1-D tensor failed with
+    "1 memories, 14 instructions"; encode took the same list as one text."""
+    comp = make_compressor()
+    mem = comp.encode(TEXTS[0])
+    ids = comp.tokenize("\nQuestion: what is it?\nAnswer:")
+    want = comp.generate(mem, "\nQuestion: what is it?\nAnswer:", max_new_tokens=3)
+    assert comp.generate(mem, ids.tolist(), max_new_tokens=3) == want
+    assert comp.generate(mem, ids, max_new_tokens=3) == want
+    assert comp.generate([mem, mem], ids, max_new_tokens=3) == want * 2  # one prompt for every memory
+    assert comp.generate([mem, mem], [ids, ids.tolist()], max_new_tokens=3) == want * 2
+
+
+def test_bad_token_ids_are_refused_clearly(make_compressor, base_tokenizer):
+    comp = make_compressor()
+    vocab = comp.model.get_input_embeddings().weight.shape[0]
+    with pytest.raises(TypeError, match="must be integers, got a torch.float32"):
+        comp.encode(torch.tensor([1.5, 2.7]))             # was truncated to [1, 2] silently
+    with pytest.raises(TypeError, match="must be ints, got float"):
+        comp.tokenize([1, 2.5])
+    with pytest.raises(ValueError, match=r"input_ids\[0\]"):
+        comp.encode(torch.tensor([[5, 6, 7]]))            # a tokenizer's [1, T]: was a list of one memory
+    with pytest.raises(ValueError, match=rf"\[0, {vocab}\)"):
+        comp.encode([5, vocab])                            # was torch's bare IndexError from the embedding
+    with pytest.raises(ValueError, match=rf"\[0, {vocab}\)"):
+        comp.generate(comp.encode(TEXTS[0]), [-1, 5], max_new_tokens=1)
+    with pytest.raises(TypeError, match=r"expected a text \(str, list of ints, 1-D integer tensor\)"):
+        comp.encode(3.0)
+    many = comp.encode([torch.tensor([5, 6, 7]), [8, 9]])
+    assert [m.num_tokens for m in many] == [3, 2]
+
+
+def test_memory_refuses_integer_embeddings_and_names_device_errors(tmp_path):
+    with pytest.raises(TypeError, match="floating point"):
+        Memory(torch.zeros(1, 8, dtype=torch.long), 4, 4, "fp")
+    mem = Memory(torch.randn(2, 8), 5, 4, "fp")
+    mem.save(tmp_path / "m.safetensors")
+    if not torch.cuda.is_available():  # the README's Memory.load(path, device="cuda") on a machine without CUDA
+        with pytest.raises(RuntimeError, match="read memory file .* cannot place it on device 'cuda'"):
+            Memory.load(tmp_path / "m.safetensors", device="cuda")
+    with pytest.raises(RuntimeError, match="cannot place it on device 'nonsense:0'"):
+        Memory.load(tmp_path / "m.safetensors", device="nonsense:0")
+
+
+def test_chunk_size_longer_than_the_context_window_is_refused(make_compressor):
+    with pytest.raises(ValueError, match="max_position_embeddings=512"):
+        make_compressor(chunk_size=10**6)
