@@ -261,7 +261,9 @@ class MemoryCompressor(nn.Module):
         marker = os.path.join(directory, CONFIG_FILE)
         if os.path.exists(marker):
             os.remove(marker)  # an interrupted save never looks complete
-        self.model.save_pretrained(directory)
+        from memcomp.fqlora import merged_state_dict  # FQLoRA layers as dense linears: else loaded at random
+
+        self.model.save_pretrained(directory, state_dict=merged_state_dict(self.model))
         self.tokenizer.save_pretrained(directory)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()},
                   os.path.join(directory, PROJECTION_FILE))
@@ -286,6 +288,8 @@ class MemoryCompressor(nn.Module):
             meta = json.load(f)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{marker} is not a memcomp compressor config (format={meta.get('format')!r})")
+        if meta.get("format_version") != 1:
+            raise ValueError(f"{marker}: format_version {meta.get('format_version')!r}, this memcomp reads version 1")
         config = CompressorConfig.from_dict(meta["config"])
         tokenizer = AutoTokenizer.from_pretrained(directory)
         vocab = tokenizer.get_vocab()
@@ -296,6 +300,9 @@ class MemoryCompressor(nn.Module):
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         cls._check_architecture(model)
         state = load_file(os.path.join(directory, PROJECTION_FILE))
+        if ("bias" in state) != config.projection_bias:
+            raise ValueError(f"{directory}: projection_bias={config.projection_bias} in {CONFIG_FILE}, but "
+                             f"{PROJECTION_FILE} {'has' if 'bias' in state else 'lacks'} a bias")
         d = model.config.hidden_size
         ref = model.get_input_embeddings().weight
         projection = nn.Linear(d, d, bias="bias" in state, device=ref.device, dtype=ref.dtype)

@@ -89,6 +89,9 @@ class Memory:
                 if meta.get("format") != FORMAT or "embeddings" not in keys:
                     raise MemoryFileError(f"{path} is a safetensors file but not a memcomp memory "
                                           f"(metadata format={meta.get('format')!r}, tensors={keys})")
+                if meta.get("format_version") != FORMAT_VERSION:
+                    raise MemoryFileError(f"{path}: memory format_version {meta.get('format_version')!r}, this "
+                                          f"memcomp reads {FORMAT_VERSION}")
                 emb = f.get_tensor("embeddings")
             memory = cls(emb, int(meta["num_tokens"]), int(meta["chunk_size"]), meta["fingerprint"])
         except MemoryFileError:

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from testutil import TEXTS, tiny_model
+import torch.nn.functional as F
+from testutil import TEXTS, assert_close_to_oracle, tiny_model
 
 from memcomp import CompressorConfig, MemoryCompressor
 from memcomp.fqlora import (
@@ -17,6 +18,7 @@ from memcomp.fqlora import (
     import_peft,
     memory_report,
     merge_fqlora,
+    merged_state_dict,
     param_groups,
 )
 from memcomp.fused import use_backend
@@ -112,6 +114,61 @@ def test_peft_export_loads_in_peft_and_reproduces_outputs(compressor, tmp_path, 
         torch.testing.assert_close(model(input_ids=ids).logits, ours)
 
 
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_lora_scaling_in_forward_and_merge(use_rslora):
+    """y = x W^T + b + s x A^T B^T with s = alpha / r, or alpha / sqrt(r) for rsLoRA; merging folds the same s."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40)
+    layer = FQLoRALinear(base, rank=9, alpha=6.0, dropout=0.0, quantize=False, use_rslora=use_rslora).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+    s = 6.0 / 3.0 if use_rslora else 6.0 / 9.0
+    assert layer.scaling == pytest.approx(s)
+    x = torch.randn(5, 24, dtype=torch.float64)
+
+    def formula(x, w, b, a_, b_):
+        return F.linear(x, w, b) + s * x @ a_.T @ b_.T
+
+    want = formula(x, base.weight.double(), base.bias.double(), layer.lora_A.double(), layer.lora_B.double())
+    eager = formula(x.float(), base.weight, base.bias, layer.lora_A, layer.lora_B)
+    with torch.no_grad():
+        assert_close_to_oracle(layer(x.float()), eager.detach(), want.detach(), f"forward, use_rslora={use_rslora}")
+    holder = torch.nn.Sequential(layer)
+    state = merged_state_dict(holder)
+    assert set(state) == {"0.weight", "0.bias"}
+    torch.testing.assert_close(state["0.weight"].double(), base.weight.double() + s * layer.lora_B.double()
+                               @ layer.lora_A.double(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_save_pretrained_writes_fqlora_layers_as_dense_linears(base_tokenizer, tmp_path, tied):
+    """transformers' from_pretrained does not know FQLoRA's NF4 + LoRA tensors and would load those layers at
+    random: the saved compressor must hold them merged and come back as merge_fqlora's dense model."""
+    import transformers
+
+    tok = copy.deepcopy(base_tokenizer)
+    torch.manual_seed(0)
+    lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, tie_word_embeddings=tied, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    comp = MemoryCompressor.from_base(lm, tok, CompressorConfig(chunk_size=4))
+    apply_fqlora(comp, FQLoRAConfig(rank=4, alpha=8, use_rslora=True))
+    with torch.no_grad():
+        for m in fqlora_modules(comp).values():
+            m.lora_B.normal_(0, 0.1)
+    comp.eval()
+    ids = comp.tokenize(TEXTS[0])[None]
+    merged = merge_fqlora(copy.deepcopy(comp))
+    comp.save_pretrained(tmp_path / "c")
+    assert fqlora_modules(comp), "saving must not merge the model itself"
+    back = MemoryCompressor.from_pretrained(tmp_path / "c")
+    assert (back.model.lm_head.weight is back.model.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        want = merged.model(input_ids=ids).logits
+        torch.testing.assert_close(back.model(input_ids=ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(comp.model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_param_groups_follow_table_9_without_overlap(compressor):
     apply_fqlora(compressor, FQLoRAConfig(rank=4))
     groups = param_groups(compressor)
@@ -154,6 +211,11 @@ def test_memory_report(compressor, capsys):
 def test_bad_inputs(compressor):
     with pytest.raises(ValueError, match="rank"):
         FQLoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="use_rslora"):
+        FQLoRAConfig(use_rslora="yes")
+    for bad in ({"rank": 0}, {"alpha": 0.0}, {"dropout": 1.0}, {"use_rslora": 1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FQLoRALinear(torch.nn.Linear(4, 4), **{"rank": 2, "alpha": 4.0, "dropout": 0.0, **bad})
     with pytest.raises(ValueError, match="out of range"):
         apply_fqlora(compressor, FQLoRAConfig(full_ft_layers=(0, 5)))
     with pytest.raises(ValueError, match="no linear named"):
@@ -164,3 +226,15 @@ def test_bad_inputs(compressor):
     with pytest.raises(ValueError, match="base_model.layers"):
         apply_fqlora(torch.nn.Linear(3, 3))
     assert isinstance(next(iter(fqlora_modules(compressor).values())), FQLoRALinear)
+
+
+def test_apply_fqlora_keeps_the_models_train_or_eval_mode(base_tokenizer):
+    """New FQLoRA layers take the mode of the linears they replace: an eval model applies no LoRA dropout."""
+    from testutil import tiny_model
+
+    from memcomp.fqlora import FQLoRAConfig, apply_fqlora, fqlora_modules
+
+    for training in (False, True):
+        model = tiny_model(base_tokenizer).train(training)
+        apply_fqlora(model, FQLoRAConfig(rank=2, dropout=0.5, full_ft_layers=(0,)))
+        assert {m.training for m in fqlora_modules(model).values()} == {training}
