@@ -147,33 +147,6 @@ def _check_room(kwargs: dict[str, Any], prompt_positions: int) -> None:
                          "prefix and instruction); raise max_length or pass max_new_tokens")
 
 
-def _wrap_int64(v: int) -> int:
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _content_sum(t: torch.Tensor) -> torch.Tensor:
-    """int64 scalar on ``t``'s device: sum_i bits_i * (2 i + 1) * MIX, wrapping mod 2^64 (``fingerprint``).
-    Every coefficient is odd, so changing the bits of any one element always changes the sum; a swap of two
-    elements changes it too, since two coefficients differ by 2 (i - j) MIX (MIX odd), whose product with a bits
-    difference of up to 32 bits cannot reach 2^64 for tensors of fewer than 2^30 elements."""
-    flat = t.detach().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    bits = flat.view(_INT_OF_WIDTH[flat.element_size()])
-    n = min(bits.numel(), _HASH_CHUNK)
-    base = _hash_coefficients.get(t.device)
-    if base is None or base.numel() < n:
-        base = (torch.arange(n, device=t.device, dtype=torch.int64) * 2 + 1) * _HASH_MIX  # wraps, as intended
-        _hash_coefficients[t.device] = base
-    total = torch.zeros((), dtype=torch.int64, device=t.device)
-    for s in range(0, bits.numel(), _HASH_CHUNK):
-        x = bits[s:s + _HASH_CHUNK].to(torch.int64)
-        # c_{s+k} = (2 (s + k) + 1) MIX = base_k + 2 s MIX
-        total += (x * base[: x.numel()]).sum() + x.sum() * _wrap_int64(2 * s * _HASH_MIX)
-    return total
-
-
 def _eps_of(norm: nn.Module) -> float:
     for name in ("variance_epsilon", "eps"):
         if hasattr(norm, name):
