@@ -24,6 +24,9 @@ CPU backend falls back to, agrees with ours.)
 The Triton kernel dequantizes one tile of elements per program, nested absmax included (it reads
 0.53 bytes per weight and writes 2; memory-bound by construction). Quantization runs in PyTorch (vectorised
 bucketize, fine on a GPU for a 7B model; bench/bench_nf4_dequantize.py times both).
+
+Registered as the custom ops ``memcomp::nf4_dequantize`` (a new tensor) and ``memcomp::nf4_dequantize_into``
+(``out=``, a declared mutation), with fake implementations and no autograd formula: the weight is frozen.
 """
 
 from __future__ import annotations
@@ -265,18 +268,95 @@ def nf4_dequantize_reference(packed: torch.Tensor, absmax: torch.Tensor, shape: 
 
 
 # ----------------------------------------------------------------------------------------------------
+# torch.library registration: memcomp::nf4_dequantize, and memcomp::nf4_dequantize_into for out=
+# ----------------------------------------------------------------------------------------------------
+# No autograd formula: the NF4 weight is frozen (packed codes are uint8, absmax is quantization state, not a
+# parameter), so nothing is differentiable; backward through either op raises PyTorch's "no autograd" error.
+# ``impl`` ("triton" | "reference") is an argument, chosen by the resolver before the call, so a compiled graph
+# keeps the implementation it was traced with and opcheck covers both.
+#
+# out= is a second op: an op's output may not alias an input, so the functional op cannot return a caller's
+# buffer. The fused NF4 + LoRA linear dequantizes into a reused scratch buffer (or the left columns of a wider
+# [N, K + r] one) on every call; as a registered mutation (mutates_args=("out",)) that path is also opcheck-clean
+# and torch.compile functionalises it, row-strided views included, instead of tracing into a kernel launch.
+
+@torch.library.custom_op("memcomp::nf4_dequantize", mutates_args=())
+def _nf4_dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+                       code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], shape: list[int], blocksize: int,
+                       dtype: torch.dtype, impl: str) -> torch.Tensor:
+    if impl == "reference":
+        return nf4_dequantize_reference(packed, absmax, tuple(shape), blocksize, dtype, absmax2, code2, offset)
+    return nf4_dequantize_forward(packed, absmax, tuple(shape), blocksize, dtype, absmax2, code2, offset)
+
+
+@_nf4_dequantize_op.register_fake
+def _(packed, absmax, absmax2, code2, offset, shape, blocksize, dtype, impl):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("memcomp::nf4_dequantize_into", mutates_args=("out",))
+def _nf4_dequantize_into_op(packed: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+                            code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, impl: str,
+                            out: torch.Tensor) -> None:
+    shape = tuple(out.shape)
+    if impl == "reference":
+        out.copy_(nf4_dequantize_reference(packed, absmax, shape, blocksize, out.dtype, absmax2, code2, offset))
+    else:
+        nf4_dequantize_forward(packed, absmax, shape, blocksize, out.dtype, absmax2, code2, offset, out=out)
+
+
+@_nf4_dequantize_into_op.register_fake
+def _(packed, absmax, absmax2, code2, offset, blocksize, impl, out):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """The same rule for both implementations: the launcher writes rows through a row stride only."""
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(f"nf4: out must be {shape} {dtype} on {device}, got {tuple(out.shape)} {out.dtype} on "
+                         f"{out.device}")
+    if not out.is_contiguous() and (out.dim() != 2 or out.stride(1) != 1):
+        raise ValueError(f"nf4: out must be contiguous or a 2-D view with unit stride along the last dim, got "
+                         f"strides {out.stride()} for shape {tuple(out.shape)}")
+
 
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], blocksize: int,
                    dtype: torch.dtype, absmax2: Optional[torch.Tensor] = None, code2: Optional[torch.Tensor] = None,
                    offset: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Packed NF4 (+ absmax, optionally nested) -> dense ``shape`` in ``dtype``."""
+    """Packed NF4 (+ absmax, optionally nested) -> dense ``shape`` in ``dtype``.
+
+    Args:
+        packed: uint8 [ceil(n / 2)], n = prod(shape), two codes per byte (even element in the high nibble).
+        absmax: fp32 [ceil(n / blocksize)], or uint8 nested codes with ``absmax2`` fp32 [ceil(n_blocks / 256)],
+            ``code2`` fp32 [256] and ``offset`` fp32 scalar (all four, or none of the nested three).
+        shape: the dense shape (any rank); blocksize: one of ``VALID_BLOCKSIZES``; dtype: a floating dtype.
+        out: optional buffer to write into (``shape``, ``dtype``, packed's device; contiguous, or a 2-D view with
+            unit stride along the last dim such as the left columns of a wider buffer); it is returned.
+
+    The backend resolver picks the Triton kernel (CUDA, or CPU in the interpreter) or the eager reference; both run
+    as the custom ops ``memcomp::nf4_dequantize`` / ``memcomp::nf4_dequantize_into`` (out=). Not differentiable
+    (the weight is frozen).
+
+    Raises:
+        TypeError / ValueError on a wrong dtype, byte or absmax count, blocksize, nested state, device, shape or
+        ``out``.
+    """
+    if any(int(s) < 0 for s in shape):
+        raise ValueError(f"nf4: shape must be non-negative sizes, got {tuple(shape)}")
+    shape = tuple(int(s) for s in shape)
+    if not dtype.is_floating_point:
+        raise TypeError(f"nf4: dequantize to a floating dtype, got {dtype}")
     n = 1
     for s in shape:
         n *= s
     _check(packed, absmax, n, blocksize, absmax2, code2, offset)
-    if resolve("nf4_dequantize", packed) == "reference":
-        w = nf4_dequantize_reference(packed, absmax, shape, blocksize, dtype, absmax2, code2, offset)
-        return out.copy_(w) if out is not None else w
-    return nf4_dequantize_forward(packed, absmax, shape, blocksize, dtype, absmax2, code2, offset, out)
+    impl = resolve("nf4_dequantize", packed)
+    if out is None:
+        return _nf4_dequantize_op(packed, absmax, absmax2, code2, offset, list(shape), blocksize, dtype, impl)
+    _check_out(out, shape, dtype, packed.device)
+    _nf4_dequantize_into_op(packed, absmax, absmax2, code2, offset, blocksize, impl, out)
+    return out

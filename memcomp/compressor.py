@@ -628,7 +628,7 @@ class MemoryCompressor(nn.Module):
         the target rows only (fused linear cross-entropy, no [T, vocab] logits). ``token_losses`` follow
         ``batch.target_rows``."""
         from memcomp.attention import check_checkpointing, packed_attention_mode
-        from memcomp.loss import linear_cross_entropy
+        from memcomp.fused import linear_cross_entropy
 
         if self.training:
             check_checkpointing(self.model)

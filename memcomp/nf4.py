@@ -59,6 +59,9 @@ class NF4Weight:
                          move(self.absmax2), move(self.code2), move(self.offset))
 
     def dequantize(self, dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Dense ``shape`` in ``dtype`` (default: the original dtype), written into ``out`` if given (same shape and
+        dtype, contiguous or a 2-D row-strided view) and returned. Not differentiable: the weight is frozen.
+        Runs the custom op ``memcomp::nf4_dequantize`` (``memcomp::nf4_dequantize_into`` with ``out``)."""
         return nf4_dequantize(self.packed, self.absmax, tuple(self.shape), self.blocksize, dtype or self.dtype,
                               self.absmax2, self.code2, self.offset, out=out)
 

@@ -180,6 +180,76 @@ def test_bad_inputs():
         nf4k.nf4_dequantize(q.packed, q.absmax.to(torch.uint8), (8, 64), 64, torch.float32)
 
 
+def test_bad_out_buffers_are_refused_by_both_implementations():
+    """The reference path checks out= as the kernel's launcher does (it used to copy_ into any broadcastable or
+    other-dtype buffer, casting silently)."""
+    q = nf4_quantize(torch.randn(8, 64))
+    for backend in ("reference", "triton"):
+        with use_backend(backend):
+            for bad, msg in ((torch.empty(8, 64, dtype=torch.float16), "out must be \\(8, 64\\) torch.float32"),
+                             (torch.empty(1, 64), "out must be \\(8, 64\\)"),
+                             (torch.empty(64, 8).t(), "unit stride")):
+                with pytest.raises(ValueError, match=msg):
+                    q.dequantize(torch.float32, out=bad)
+            with pytest.raises(TypeError, match="floating dtype"):
+                q.dequantize(torch.int32)
+            with pytest.raises(ValueError, match="non-negative"):
+                nf4k.nf4_dequantize(q.packed, q.absmax, (-8, -64), 64, torch.float32)
+
+
+# -- the custom ops: opcheck, torch.compile, no gradient ---------------------------------------------------
+
+def _op_args(double_quant, shape=(7, 9)):
+    q = nf4_quantize(_weight(shape, torch.float32, seed=3), double_quant=double_quant)
+    return q, (q.packed, q.absmax, q.absmax2, q.code2, q.offset)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
+def test_opcheck(impl, double_quant):
+    """Both ops, both implementations (the Triton kernel runs in the interpreter on a CPU): schema, fake tensors,
+    the declared mutation of out=, and that neither claims a gradient."""
+    q, state = _op_args(double_quant)
+    for shape, dtype in (((7, 9), torch.float32), ((63,), torch.float16)):
+        torch.library.opcheck(torch.ops.memcomp.nf4_dequantize.default, (*state, list(shape), 64, dtype, impl))
+    torch.library.opcheck(torch.ops.memcomp.nf4_dequantize_into.default, (*state, 64, impl, torch.empty(7, 9)))
+    wide = torch.zeros(7, 12, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.memcomp.nf4_dequantize_into.default, (*state, 64, impl, wide[:, :9]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph_with_and_without_out(backend):
+    q, _ = _op_args(True, (12, 70))
+    expected = q.dequantize(torch.float32)
+
+    def fresh(scale):
+        return q.dequantize(torch.float32) * scale
+
+    def into_view(wide):  # the fused linear's pattern: W into the left columns of [W | B]
+        q.dequantize(torch.float32, out=wide[:, :70])
+        return wide.sum()
+
+    with use_backend(backend):
+        torch.testing.assert_close(torch.compile(fresh, backend="aot_eager", fullgraph=True)(2.0), expected * 2,
+                                   rtol=0, atol=0)
+        wide = torch.full((12, 75), 1.0)
+        total = torch.compile(into_view, backend="aot_eager", fullgraph=True)(wide)
+    assert torch.equal(wide[:, :70], expected), "the compiled graph did not write into the caller's buffer"
+    assert (wide[:, 70:] == 1.0).all()
+    torch.testing.assert_close(total, expected.sum() + 12 * 5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_gradient_through_the_frozen_weight(backend):
+    """The weight is frozen; a backward through the dequantized weight's state is an error, never a silent 0."""
+    q, _ = _op_args(True)
+    absmax2 = q.absmax2.clone().requires_grad_()
+    with use_backend(backend):
+        w = nf4k.nf4_dequantize(q.packed, q.absmax, (7, 9), 64, torch.float32, absmax2, q.code2, q.offset)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        w.sum().backward()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_gpu_bf16_matches_bitsandbytes_cuda(double_quant):

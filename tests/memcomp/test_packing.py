@@ -11,8 +11,7 @@ from testutil import TEXTS, tiny_model
 
 from memcomp import CompressorConfig, MemoryCompressor
 from memcomp.attention import packed_attention_mode
-from memcomp.fused import use_backend
-from memcomp.loss import linear_cross_entropy
+from memcomp.fused import linear_cross_entropy, use_backend
 from memcomp.packing import PackingCollator
 from memcomp.tasks import INSTRUCTIONS, Sample, SampleBuilder
 
