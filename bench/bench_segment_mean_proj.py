@@ -5,9 +5,11 @@ measured copy bandwidth and FLOPs over the measured GEMM rate). On a CPU: a tiny
 
 Targets on an H200: forward within 1.25x of the byte floor and >= 1.5x eager; backward >= 1.5x eager."""
 
+import functools
+
 import pytest
 import torch
-from benchutil import HAS_CUDA, ceilings, floor_ms, sync, time_ms
+from benchutil import DEVICE, HAS_CUDA, MODES, floor_ms, mode_callable, per_s
 
 from memcomp.fused import segment_mean_proj, segment_mean_proj_reference, use_backend
 
@@ -15,10 +17,8 @@ COLUMNS = ["T", "d", "mode", "impl", "median_ms", "p20_ms", "p80_ms", "GB/s", "f
            "speedup_vs_eager"]
 SHAPES = [(65536, 3584, 16), (131072, 3584, 16)] if HAS_CUDA else [(256, 64, 16)]
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-IMPLS = ["eager", "ours", "compiled"]  # eager first: the others report speed-up over it
-MODES = ["fwd", "bwd", "fwd+bwd"]
-_eager_ms: dict = {}
+WARMUP, RUNS = (5, 50) if HAS_CUDA else (1, 3)
+IMPLS = ("eager", "ours", "compiled")
 
 
 def _inputs(T, d, C):
@@ -51,42 +51,20 @@ def _bytes_flops(T, d, C, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T,d,C", SHAPES, ids=[f"T{s[0]}-d{s[1]}" for s in SHAPES])
-def test_segment_mean_proj(benchmark, recorder, T, d, C, impl, mode):
+def test_segment_mean_proj(bench, T, d, C, mode):
+    """One shape and mode: eager, ours and torch.compile timed here, speed-ups over eager."""
     h, cu, w, b, nw = _inputs(T, d, C)
-    fn = _impl(impl)
     dout = torch.randn(T // C, d, device=DEVICE, dtype=DTYPE)
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn(h, cu, w, b, nw)
-    elif mode == "bwd":
-        out = fn(h, cu, w, b, nw)
 
-        def run():
-            return torch.autograd.grad(out, (h, w, b, nw), dout, retain_graph=True)
-    else:
-        def run():
-            return torch.autograd.grad(fn(h, cu, w, b, nw), (h, w, b, nw), dout)
-    run()
-    sync()
-    t = time_ms(run)
+    def make(name):
+        fn = _impl(name)
+        return mode_callable(mode, lambda: fn(h, cu, w, b, nw), (h, w, b, nw), dout)
 
-    def timed():
-        run()
-        sync()
-
-    benchmark.pedantic(timed, rounds=5 if HAS_CUDA else 2, warmup_rounds=1, iterations=1)
+    results = bench.compare({name: functools.partial(make, name) for name in IMPLS}, warmup=WARMUP, runs=RUNS,
+                            baselines=["eager"])
     nbytes, flops = _bytes_flops(T, d, C, mode)
-    key = (T, d, mode)
-    if impl == "eager":
-        _eager_ms[key] = t["median_ms"]
-    row = {"T": T, "d": d, "mode": mode, "impl": impl, **t, "GB/s": nbytes / (t["median_ms"] * 1e-3) / 1e9,
-           "floor_ms": floor_ms(nbytes, flops) if HAS_CUDA else None,
-           "speedup_vs_eager": _eager_ms[key] / t["median_ms"] if key in _eager_ms else None}
-    row["floor_frac"] = row["floor_ms"] / t["median_ms"] if row["floor_ms"] else None
-    if HAS_CUDA:
-        row.update(ceilings())
-    benchmark.extra_info.update({k: v for k, v in row.items() if v is not None})
-    recorder.append(row)
+    floor = floor_ms(nbytes, flops)
+    for impl, r in results.items():
+        bench.add({"T": T, "d": d, "mode": mode, "impl": impl, **r, "GB/s": per_s(nbytes / 1e9, r),
+                   "floor_ms": floor, "floor_frac": floor / r["median_ms"] if floor else None})

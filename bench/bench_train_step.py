@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from benchutil import HAS_CUDA, peak_mb, sync, time_ms
+from benchutil import DEVICE, HAS_CUDA, per_s
 
 from memcomp import CompressorConfig, MemoryCompressor
 from memcomp.fqlora import FQLoRAConfig, apply_fqlora
@@ -17,10 +17,10 @@ from memcomp.model_configs import IdTokenizer, random_model
 from memcomp.packing import PackingCollator
 from memcomp.tasks import Sample
 
-COLUMNS = ["seq_len", "backend", "median_ms", "tokens_per_s", "peak_MB", "speedup"]
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+COLUMNS = ["seq_len", "backend", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "peak_MB",
+           "speedup_vs_reference"]
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
-_ref: dict = {}
+WARMUP, RUNS = (2, 10) if HAS_CUDA else (1, 2)
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +53,22 @@ def _row(comp, seq_len):
     return batch
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("seq_len", [2048, 4096] if HAS_CUDA else [512])
-def test_cpt_step(benchmark, recorder, compressor, seq_len, backend):
+def test_cpt_step(bench, compressor, seq_len):
+    """One packed row: the step on memcomp's kernels against the same step on the reference backend."""
     batch = _row(compressor, seq_len).to(DEVICE)
 
-    def step():
-        with use_backend(backend):
-            out = compressor.forward_packed(batch)
-        out.loss.backward()
-        for p in compressor.parameters():
-            p.grad = None
+    def make(backend):
+        def step():
+            with use_backend(backend):
+                out = compressor.forward_packed(batch)
+            out.loss.backward()
+            for p in compressor.parameters():
+                p.grad = None
+        return step
 
-    step()
-    sync()
-    t = time_ms(step, warmup=1, rep=5)
-    peak = peak_mb(step)
-    benchmark.pedantic(lambda: (step(), sync()), rounds=1, warmup_rounds=0, iterations=1)
+    results = bench.compare({"reference": lambda: make("reference"), "triton": lambda: make("triton")},
+                            warmup=WARMUP, runs=RUNS, baselines=["reference"], peak=True)
     tokens = batch.n_tokens + batch.enc_input_ids.numel()
-    if backend == "reference":
-        _ref[seq_len] = t["median_ms"]
-    row = {"seq_len": seq_len, "backend": backend, **t, "tokens_per_s": tokens / (t["median_ms"] * 1e-3),
-           "peak_MB": peak, "speedup": _ref[seq_len] / t["median_ms"] if backend == "triton" and seq_len in _ref
-           else None}
-    benchmark.extra_info.update({k: v for k, v in row.items() if v is not None})
-    recorder.append(row)
+    for backend, r in results.items():
+        bench.add({"seq_len": seq_len, "backend": backend, **r, "tokens_per_s": per_s(tokens, r)})

@@ -1,5 +1,6 @@
-"""`pytest bench/ --benchmark` runs the microbenchmarks; without --benchmark every bench is skipped, so a
-plain `pytest` stays fast. On a CPU the same code runs tiny smoke shapes (Triton in its interpreter)."""
+"""`pytest bench/ --benchmark` runs the benchmarks; without --benchmark every bench is skipped, so a plain
+`pytest` stays fast. `--bench-warmup N` / `--bench-runs N` replace the counts every case asks for. On a CPU the
+same code runs tiny smoke shapes, with the Triton kernels in Triton's interpreter, and every table says so."""
 
 import os
 import sys
@@ -20,21 +21,37 @@ import pytest  # noqa: E402
 
 
 def pytest_addoption(parser):
-    parser.addoption("--benchmark", action="store_true", default=False, help="run memcomp's benchmarks")
+    group = parser.getgroup("memcomp benchmarks")
+    group.addoption("--benchmark", action="store_true", default=False, help="run memcomp's benchmarks")
+    group.addoption("--bench-warmup", type=int, default=None, metavar="N",
+                    help="untimed calls before timing, for every implementation of every case (default: each "
+                         "case's own)")
+    group.addoption("--bench-runs", type=int, default=None, metavar="N",
+                    help="timed calls per implementation of every case (default: each case's own)")
+
+
+def pytest_configure(config):
+    warmup, runs = config.getoption("--bench-warmup"), config.getoption("--bench-runs")
+    if warmup is not None and warmup < 0:
+        raise pytest.UsageError(f"--bench-warmup must be >= 0, got {warmup}")
+    if runs is not None and runs < 1:
+        raise pytest.UsageError(f"--bench-runs must be >= 1, got {runs}")
 
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--benchmark"):
         return
+    # The hook sees every collected item (`pytest bench tests` collects both): skip only the files of this folder.
+    here = os.path.dirname(os.path.abspath(__file__))
     skip = pytest.mark.skip(reason="benchmarks run with `pytest bench/ --benchmark`")
     for item in items:
-        if "bench" in str(item.fspath):
+        if os.path.dirname(os.path.abspath(str(item.path))) == here:
             item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")
-def recorder(request):
-    """Collects result rows of one bench module; prints a table and writes bench/results/ at the end."""
+def _bench_rows(request):
+    """The result rows of one bench module; printed as one table, and written to the results folder, at its end."""
     rows: list[dict] = []
     yield rows
     from benchutil import print_table, write_results
@@ -47,3 +64,13 @@ def recorder(request):
             path = write_results(name, rows)
             if path:
                 print(f"wrote {path}")
+
+
+@pytest.fixture
+def bench(request, _bench_rows):
+    """A :class:`benchutil.BenchCase` for this case: times implementations against each other, with the counts
+    the case asks for or --bench-warmup / --bench-runs, and appends rows to the module's table."""
+    from benchutil import BenchCase
+
+    return BenchCase(_bench_rows, warmup=request.config.getoption("--bench-warmup"),
+                     runs=request.config.getoption("--bench-runs"))

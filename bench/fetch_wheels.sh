@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Wheels for the optional packages the GPU machine lacks, to carry there (it has no package index):
-#   bash bench/fetch_wheels.sh            # here, once: writes .whl/ (git-ignored, ~44 MB)
-#   run with carry [".whl"]: bench/run_gpu.sh installs them into /tmp/site before anything else.
-# liger-kernel (the loss benchmark's baseline) and bitsandbytes (the NF4 tests' and benchmarks' reference).
-# flash-attn has no wheel on PyPI (it builds from source against the local CUDA) and deepspeed is not
-# needed on one GPU; their tests and benchmarks skip with a reason.
+# Wheels of the optional packages the benchmarks and GPU tests compare against, for a GPU machine that cannot
+# reach a package index:
+#   bash bench/fetch_wheels.sh      # where pip works: writes .whl/ (git-ignored, ~44 MB)
+# Copy .whl/ with the tree; bench/run_gpu.sh installs them into a private folder before anything else.
+# liger-kernel (the loss benchmark's baseline) and bitsandbytes (the NF4 tests' and benchmarks' reference), for
+# CPython 3.12 on x86-64 Linux. flash-attn has no wheel on PyPI (it builds from source against the local CUDA)
+# and deepspeed is not needed on one GPU; the rows and tests that need them say so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

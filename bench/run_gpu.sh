@@ -1,97 +1,151 @@
 #!/usr/bin/env bash
-# What a lent GPU should run:   bash bench/run_gpu.sh [all|tests|bench|ttft|ttft32] [-k expression for bench]
+# Everything memcomp measures on one CUDA GPU: the GPU test tier, the TTFT suite (Table 7) and the benchmarks,
+# every result labelled with the GPU, library versions, commit and date.
 #
-# `all` (the default) runs the GPU test tier, the TTFT suite and the microbenchmarks in one device call and
-# ends inside a time budget (MEMCOMP_GPU_BUDGET_S, default 540 s, under the device tool's 600 s): each stage
-# gets a share, is interrupted (SIGINT, so reports are still written) when it runs over, and says what it cut.
-# Results are written as they finish, so a cut stage keeps what it measured. For complete coverage give the
-# stages their own calls, e.g. bench split by -k:
-#   MEMCOMP_COMMIT=<sha> bash bench/run_gpu.sh tests
-#   MEMCOMP_COMMIT=<sha> bash bench/run_gpu.sh ttft
-#   MEMCOMP_COMMIT=<sha> bash bench/run_gpu.sh bench "segment or encode or packed_attention or cross_entropy"
-#   MEMCOMP_COMMIT=<sha> bash bench/run_gpu.sh bench "nf4 or train_step"
-#   MEMCOMP_COMMIT=<sha> bash bench/run_gpu.sh ttft32     # Qwen2.5-32B where memory allows (OOM is recorded)
-# Before the first call, here: `bash bench/fetch_wheels.sh` (bitsandbytes, liger-kernel) and carry [".whl"].
-# Results (*.json|md|png with GPU, versions, commit, date) and logs go to $OUT when it is set (the device tool's
-# output folder: a call stopped at its limit still returns what finished), else to bench/results/. Copy them
-# into bench/results/ of the checkout and commit them.
+#   bash bench/run_gpu.sh [--out DIR] [--budget SECONDS] [all|tests|ttft|ttft32|bench] [-k expression for bench]
+#
+# Stages:
+#   tests    the GPU test tier (pytest -m gpu: bf16, Qwen2.5-7B shapes)
+#   ttft     the TTFT suite, Qwen2.5-7B at 4K-120K, with the paper's 3 warm-ups and 20 runs
+#   ttft32   the TTFT suite for Qwen2.5-32B where memory allows (an out-of-memory case is recorded as such)
+#   bench    the benchmarks (pytest bench/ --benchmark), all of them or a -k selection
+#   all      (default) tests, ttft with 2 warm-ups and 5 runs, bench -- in that order, inside the budget
+#
+# Options (a flag wins over its environment variable):
+#   --out DIR      MEMCOMP_RESULTS_DIR   folder for results (*.json, *.md, *.png) and logs; default bench/results
+#   --budget S     MEMCOMP_GPU_BUDGET_S  wall-clock budget of the whole invocation in seconds; default 540, 0 for
+#                                        none. A run that must end by a deadline (a job's time limit) ends cleanly
+#                                        with what it measured: in `all`, tests get 22 % of the budget, ttft 37 %,
+#                                        bench what is left (at 540 s: 118, 199 and the rest); a stage that reaches
+#                                        its share is interrupted with SIGINT, pytest and the TTFT suite write what
+#                                        they finished, and the stage is reported as cut. A single stage gets the
+#                                        whole budget. For full coverage give each stage its own invocation, e.g.
+#                                        bench "segment or encode or packed_attention or cross_entropy", then
+#                                        bench "nf4 or train_step".
+#                  MEMCOMP_COMMIT        the commit to record when the tree has no .git (an exported copy); with
+#                                        .git, git's own answer is recorded
+#
+# On a machine with only PyTorch, Triton and transformers: memcomp is installed without dependencies; wheels
+# placed in .whl/ (bash bench/fetch_wheels.sh, where a package index is reachable) are installed into a private
+# folder first; what is still missing is listed, and the tests and benchmark rows that need it say so.
+# Exit status: that of the first stage that failed or was cut, else 0. Results worth keeping go into
+# bench/results/ and are committed with the code they measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:-all}
-select=${2:-}
-case "$stage" in all|tests|bench|ttft|ttft32) ;;
-  *) echo "usage: bash bench/run_gpu.sh [all|tests|bench|ttft|ttft32] [-k expr]"; exit 2;; esac
-OUT=${OUT:-bench/results}
-mkdir -p "$OUT" bench/results
+
+usage() { echo "usage: $(sed -n '5s/^# *//p' "$0")"; }
+OUT=${MEMCOMP_RESULTS_DIR:-bench/results}
+BUDGET=${MEMCOMP_GPU_BUDGET_S:-540}
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) [ $# -ge 2 ] || { echo "--out needs a folder"; usage; exit 2; }; OUT=$2; shift 2;;
+    --out=*) OUT=${1#--out=}; shift;;
+    --budget) [ $# -ge 2 ] || { echo "--budget needs seconds"; usage; exit 2; }; BUDGET=$2; shift 2;;
+    --budget=*) BUDGET=${1#--budget=}; shift;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0;;
+    -*) echo "unknown option $1"; usage; exit 2;;
+    *) args+=("$1"); shift;;
+  esac
+done
+stage=${args[0]:-all}
+select=${args[1]:-}
+[ ${#args[@]} -le 2 ] || { echo "too many arguments: ${args[*]}"; usage; exit 2; }
+case "$stage" in all|tests|bench|ttft|ttft32) ;; *) echo "unknown stage '$stage'"; usage; exit 2;; esac
+[ -z "$select" ] || [ "$stage" = bench ] || [ "$stage" = all ] || { echo "a -k selection is for bench or all"; exit 2; }
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "the budget must be whole seconds >= 0, got '$BUDGET'"; exit 2; }
+[ -n "$OUT" ] || { echo "the output folder must not be empty"; exit 2; }
+
 export PYTHONUNBUFFERED=1
-export MEMCOMP_BENCH_RESULTS="$OUT"
-DEADLINE=$(( $(date +%s) + ${MEMCOMP_GPU_BUDGET_S:-540} ))
-STATUS=0   # the script's exit status: the first failing stage's (a stage cut by the budget counts as failing)
+export MEMCOMP_RESULTS_DIR="$OUT"     # read by the benchmarks (bench/benchutil.py)
+START=$(date +%s)
+STATUS=0                              # the first failing (or cut) stage's exit status
+RC_FILE=$(mktemp)
+trap 'rm -f "$RC_FILE"' EXIT
 
-# run_stage NAME SHARE_S CMD...: at most SHARE_S seconds and never past the deadline. Its output goes through
-# a pipe to a log, so the status travels in a file rather than through the pipeline.
+# run_stage NAME PERCENT CMD...: the command gets PERCENT of the budget in `all` (100 = whatever is left), the
+# whole budget on its own, and never runs past the budget's end. Its output goes through a pipe to a log, so its
+# status travels in a file rather than through the pipeline.
 run_stage() {
-  local name=$1 share=$2; shift 2
-  local left=$(( DEADLINE - $(date +%s) ))
-  [ "$stage" = all ] || share=$left
-  [ "$share" -gt "$left" ] && share=$left
-  if [ "$share" -lt 20 ]; then echo "== $name: skipped, the time budget is spent"; echo 124 > "$OUT/.rc"; return; fi
-  echo "== $name (up to ${share} s)"
-  local t0=$(date +%s)
-  timeout --signal=INT --kill-after=20 "$share" "$@"
-  local rc=$?
-  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "== $name: CUT at ${share} s (time budget); what it finished is written"; fi
+  local name=$1 percent=$2; shift 2
+  local t0 limit=0 rc
+  t0=$(date +%s)
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$(( START + BUDGET - t0 ))
+    limit=$left
+    if [ "$stage" = all ] && [ "$percent" -lt 100 ]; then limit=$(( BUDGET * percent / 100 )); fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 20 ]; then echo "== $name: skipped, the time budget is spent"; echo 124 > "$RC_FILE"; return; fi
+    echo "== $name (up to ${limit} s of the ${BUDGET} s budget)"
+    timeout --signal=INT --kill-after=20 "$limit" "$@"
+  else
+    echo "== $name (no time budget)"
+    "$@"
+  fi
+  rc=$?
+  if [ "$BUDGET" -gt 0 ] && { [ $rc -eq 124 ] || [ $rc -eq 137 ]; }; then
+    echo "== $name: CUT at ${limit} s (time budget); what it finished is written"
+  fi
   echo "== $name: $(( $(date +%s) - t0 )) s, exit $rc"
-  echo $rc > "$OUT/.rc"
+  echo $rc > "$RC_FILE"
 }
-stage_done() { local rc; rc=$(cat "$OUT/.rc" 2>/dev/null || echo 1); rm -f "$OUT/.rc"; [ "$STATUS" -ne 0 ] || STATUS=$rc; }
+stage_done() { local rc; rc=$(cat "$RC_FILE" 2>/dev/null); rc=${rc:-1}; : > "$RC_FILE"; [ "$STATUS" -ne 0 ] || STATUS=$rc; }
 
+command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found: run_gpu.sh needs a CUDA GPU and its driver"; exit 1; }
+mkdir -p "$OUT" || { echo "cannot create the output folder $OUT"; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-# Carried wheels (bench/fetch_wheels.sh), installed beside the image's packages. Never reinstall torch.
+# Wheels from bench/fetch_wheels.sh, installed beside the machine's packages and never over them (--no-deps
+# keeps its torch).
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  site="${TMPDIR:-/tmp}/memcomp-wheels"
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+    && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# memcomp itself without dependencies; tests and benches that need a missing optional package skip with a reason.
+# memcomp itself without dependencies; tests and benchmarks that need a missing optional package say so.
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 python -c "import memcomp.kernels, memcomp.fused" || { echo "memcomp did not install: stopping"; exit 1; }
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "torch sees no CUDA device: stopping"; exit 1; }
 [ -n "${MEMCOMP_COMMIT:-}" ] || [ -d .git ] || echo "warning: no .git and no MEMCOMP_COMMIT: results say commit unknown"
 python - <<'PY' | tee "$OUT/packages.txt"
-import importlib
-for name in ("torch", "triton", "transformers", "safetensors", "tqdm", "pytest", "pytest_benchmark", "matplotlib",
+import importlib, os, sys
+# Not from the checkout: its kernels/ folder would stand in for Hugging Face's `kernels`, which bitsandbytes imports.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.realpath(".")]
+for name in ("torch", "triton", "transformers", "safetensors", "tqdm", "pytest", "matplotlib",
              "bitsandbytes", "peft", "liger_kernel", "flash_attn", "deepspeed"):
     try:
         m = importlib.import_module(name); print(f"{name:18} {getattr(m, '__version__', 'installed')}")
     except Exception as e:
         print(f"{name:18} MISSING ({type(e).__name__})")
 PY
-python -c "import pytest, pytest_benchmark" 2>/dev/null || { echo "pytest/pytest-benchmark missing: carry wheels"; exit 1; }
-# Per-test limits as well, when pytest-timeout is there (it is in the GPU image).
+python -c "import pytest" 2>/dev/null || { echo "pytest missing: put its wheel in .whl/"; exit 1; }
+# Per-test limits as well, when pytest-timeout is installed: one hung test does not eat a stage.
 T_TEST=""; T_BENCH=""
 if python -c "import pytest_timeout" 2>/dev/null; then T_TEST="--timeout=180"; T_BENCH="--timeout=240"; fi
 
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
-  run_stage "GPU tests" 120 python -m pytest tests -m gpu -q -rs -p no:cacheprovider $T_TEST 2>&1 \
+  run_stage "GPU tests" 22 python -m pytest tests -m gpu -q -rs -p no:cacheprovider $T_TEST 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -15
   stage_done
 fi
 if [ "$stage" = all ] || [ "$stage" = ttft ]; then
-  # The paper's protocol is 3 warm-ups and 20 runs (the CLI default); in `all`, 2 and 5.
+  # The paper's protocol is 3 warm-ups and 20 runs (the CLI default); in `all`, 2 and 5 to leave the
+  # benchmarks their share.
   runs="--warmup 3 --runs 20"; [ "$stage" = all ] && runs="--warmup 2 --runs 5"
-  run_stage "TTFT" 200 python -m memcomp bench ttft --model-config qwen2.5-7b --lengths 4k,8k,16k,32k,64k,120k \
+  run_stage "TTFT" 37 python -m memcomp bench ttft --model-config qwen2.5-7b --lengths 4k,8k,16k,32k,64k,120k \
     $runs --out "$OUT" 2>&1 | tee "$OUT/ttft.log" | tail -14
   stage_done
 fi
 if [ "$stage" = ttft32 ]; then
   # 64 GB of bf16 weights: the full-context prefill at 120K may not fit beside its KV cache and activations.
-  run_stage "TTFT 32B" 0 python -m memcomp bench ttft --model-config qwen2.5-32b --lengths 4k,16k,32k,64k,120k \
+  run_stage "TTFT 32B" 100 python -m memcomp bench ttft --model-config qwen2.5-32b --lengths 4k,16k,32k,64k,120k \
     --warmup 1 --runs 3 --out "$OUT" 2>&1 | tee "$OUT/ttft32.log" | tail -14
   stage_done
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
   expr="not ttft"; [ -n "$select" ] && expr="($select) and not ttft"
-  run_stage "benchmarks" 600 python -m pytest bench --benchmark -k "$expr" -q -rs -p no:cacheprovider $T_BENCH \
-    --benchmark-json="$OUT/pytest_benchmark.json" 2>&1 | tee "$OUT/bench.log" | grep -vE "^\s*$" | tail -60
+  run_stage "benchmarks" 100 python -m pytest bench --benchmark -k "$expr" -q -rs -p no:cacheprovider $T_BENCH \
+    2>&1 | tee "$OUT/bench.log" | grep -vE "^\s*$" | tail -60
   stage_done
 fi
 echo "== run_gpu.sh: exit $STATUS"

@@ -19,8 +19,8 @@ d = 3,584 in bf16) the second sweep hits L2, so HBM sees one read. The projectio
 rows, M = n = T / C, and goes to cuBLAS (a Triton GEMM does not beat it at these shapes). At C = 16 and
 d = d_out = 3,584 its arithmetic intensity against the hidden-state bytes is d_out / C = 224 FLOP/B, at
 the H200's ridge (~206), so pooling and projection cost about the same; bench/bench_segment_mean_proj.py
-reports both floors and the measured fraction. (No GPU was lent when this was written: the measured
-gain is in bench/results/ once a GPU session has run it.)
+reports both floors and the measured fraction (GPU results, when run, land in bench/results/; none are
+recorded yet, so the gain of the fusion is not yet measured).
 
 Backward, with dout [n, d_out]: dW = dout^T p, db = sum_i dout_i, dp = dout W (cuBLAS), then
 v_i = g * dp_i / L_i and, per row, dh_t = r_t v_i - r_t^3 (h_t . v_i) / d * h_t in one Triton kernel

@@ -8,8 +8,9 @@ For each context length L (plus a ``question_tokens`` question), with random wei
 * ``plain_same_positions``: a plain prefill of as many ordinary tokens as ``per_embedding`` uses (the memory
   path must add no cost of its own: target <= 1.1x).
 TTFT is the prefill forward plus the greedy choice of the first token (LM head on the last position only,
-as ``generate`` does), timed with device events (host clock on a CPU): ``warmup`` runs, then ``runs`` timed
-runs, mean and median. Peak memory is the allocator's peak during one more run, reset per case.
+as ``generate`` does), timed by ``memcomp.benchmarking.time_fn`` (the benchmarks' timer: CUDA events, the
+host clock on a CPU): ``warmup`` runs, then exactly ``runs`` timed runs; mean, median and p20/p80. Peak
+memory is the allocator's peak during one more run, reset per case.
 
     memcomp bench ttft --model-config qwen2.5-7b --lengths 4k,8k,16k,32k,64k,120k
 """
@@ -19,14 +20,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
 
+from memcomp.benchmarking import time_fn
 from memcomp.runinfo import run_metadata
 
 PAPER_H100_7B = {  # Table 7 of seed 002: context -> (TTFT full ms, TTFT ours ms, peak full GB, peak ours GB)
@@ -73,31 +73,6 @@ class TTFTConfig:
             raise ValueError(f"warmup must be >= 0 and runs >= 1, got {self.warmup}, {self.runs}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_runs(fn: Callable[[], Any], warmup: int, runs: int, device: str) -> dict[str, Any]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(runs):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return {"mean_ms": statistics.fmean(times), "median_ms": statistics.median(times), "runs_ms": times}
 
 
 def peak_memory_gb(fn: Callable[[], Any], device: str) -> Optional[float]:
@@ -181,7 +156,10 @@ def run_ttft(cfg: TTFTConfig, log: Callable[[str], None] = print,
                                "effective_ratio": {k: positions["full"] / v for k, v in positions.items()}}
         for name, fn in cases.items():
             try:
-                t = time_runs(fn, cfg.warmup, cfg.runs, device)
+                # A latency: each run starts on an idle device, host launch work included. No L2 flush: a
+                # prefill streams gigabytes of weights and KV cache through L2 anyway, and the flush buffer
+                # would be one more allocation at lengths where memory is the limit.
+                t = time_fn(fn, warmup=cfg.warmup, runs=cfg.runs, device=device, flush_l2=False, sync_each=True)
                 t["peak_gb"] = peak_memory_gb(fn, device)
             except torch.cuda.OutOfMemoryError:
                 t = {"oom": True}
