@@ -32,7 +32,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from memcomp.kernels.backend import interpreter_bf16, resolve
-from memcomp.kernels.nf4_dequantize import NESTED_BLOCKSIZE, code_table, nf4_dequantize, nf4_dequantize_reference
+from memcomp.kernels.nf4_dequantize import (
+    NESTED_BLOCKSIZE,
+    code_table,
+    nf4_dequantize_forward,
+    nf4_dequantize_reference,
+)
 
 try:
     import triton
@@ -136,7 +141,9 @@ def release_scratch() -> None:
 
 
 def _dequant_into(out: torch.Tensor, packed, absmax, absmax2, code2, offset, N, K, blocksize) -> torch.Tensor:
-    return nf4_dequantize(packed, absmax, (N, K), blocksize, out.dtype, absmax2, code2, offset, out=out)
+    # The kernel launcher itself: this runs inside memcomp::nf4_lora_linear's Triton path, so going through the
+    # dispatcher and the memcomp::nf4_dequantize_into op again would only add their per-call overhead.
+    return nf4_dequantize_forward(packed, absmax, (N, K), blocksize, out.dtype, absmax2, code2, offset, out=out)
 
 
 def _fused_small_m(x, xa, packed, absmax, absmax2, code2, offset, N, K, blocksize, B, bias):

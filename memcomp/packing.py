@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 
@@ -73,18 +74,22 @@ class PackingCollator:
     """Packs ``Sample``s for one compressor layout (chunk size, wrapper, MEM token ids, pad id)."""
 
     def __init__(self, chunk_size: int, wrapper: str, mem_start_id: int, mem_end_id: int, pad_id: int,
-                 max_tokens: int) -> None:
+                 max_tokens: int, vocab_size: Optional[int] = None) -> None:
+        """``vocab_size``: when given, every token id of every sample must lie in [0, vocab_size) -- checked here,
+        on the host, so that the training step needs no device-side check (``from_compressor`` passes the
+        model's embedding rows)."""
         if wrapper not in ("per_embedding", "per_block"):
             raise ValueError(f"wrapper must be per_embedding or per_block, got {wrapper!r}")
         if max_tokens < 1 or chunk_size < 1:
             raise ValueError(f"max_tokens and chunk_size must be >= 1, got {max_tokens}, {chunk_size}")
         self.C, self.wrapper, self.S, self.E, self.P, self.max_tokens = (chunk_size, wrapper, mem_start_id,
                                                                          mem_end_id, pad_id, max_tokens)
+        self.vocab_size = vocab_size
 
     @classmethod
     def from_compressor(cls, comp, max_tokens: int) -> PackingCollator:
         return cls(comp.config.chunk_size, comp.config.wrapper, comp.mem_start_id, comp.mem_end_id,
-                   comp.tokenizer.pad_token_id, max_tokens)
+                   comp.tokenizer.pad_token_id, max_tokens, comp.model.get_input_embeddings().weight.shape[0])
 
     def n_chunks(self, sample: Sample) -> int:
         return -(-len(sample.context) // self.C)
@@ -108,6 +113,12 @@ class PackingCollator:
                 raise ValueError(f"sample {i} ({s.task}) has an empty context: only plain LM samples may have none")
             if not s.target:
                 raise ValueError(f"sample {i} ({s.task}) has no target tokens")
+            if self.vocab_size is not None:
+                for part in ("context", "before", "after", "target"):
+                    ids = getattr(s, part)
+                    if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+                        raise ValueError(f"sample {i} ({s.task}): {part} token ids must lie in [0, {self.vocab_size})"
+                                         f", got {min(ids)} .. {max(ids)}")
             n = self.decoder_length(s)
             if n > self.max_tokens:
                 raise ValueError(f"sample {i} ({s.task}) needs {n} decoder tokens, more than max_tokens="

@@ -328,3 +328,23 @@ def test_non_default_scaling_and_bidirectional_modules(comp, backend):
         out, _ = _memcomp_packed_attention(attn, q, k, v, None, scaling=0.25, cu_seq_lens_q=cu, max_length_q=6)
     ref = packed_attention_reference(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, False, 0.25)
     torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_collator_refuses_token_ids_outside_the_vocabulary(comp):
+    """The training step skips the loss op's device-side target check: the collator checks on the host."""
+    vocab = comp.model.get_input_embeddings().weight.shape[0]
+    sb = SampleBuilder(comp.tokenizer, "flat", chunk_size=4)
+    collate = PackingCollator.from_compressor(comp, max_tokens=256)
+    with pytest.raises(ValueError, match=rf"target token ids must lie in \[0, {vocab}\)"):
+        collate([sb.qa([5, 6, 7], "What?", [vocab + 3])])
+    with pytest.raises(ValueError, match=r"context token ids must lie in"):
+        collate([sb.qa([5, -1, 7], "What?", [5])])
+
+
+def test_public_task_prompt_is_what_training_uses(comp):
+    sb = SampleBuilder(comp.tokenizer, "chatml", chunk_size=4)
+    before, after = sb.prompt(INSTRUCTIONS["reconstruction"][0])
+    sample = sb._sample("reconstruction", [5, 6], INSTRUCTIONS["reconstruction"][0], [7])
+    assert (sample.before, sample.after) == (before, after) and before
+    with pytest.raises(ValueError, match="non-empty"):
+        sb.prompt("")
