@@ -93,6 +93,16 @@ class SampleBuilder:
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
 
+    def prompt(self, instruction: str) -> tuple[list[int], list[int]]:
+        """The decoder prompt around the memory, as training builds it: ``(before, after)`` token ids, so that
+        ``comp.generate(memory, after, prefixes=[before])`` asks a trained compressor for the task, e.g.
+        ``prompt(INSTRUCTIONS["reconstruction"][0])`` to read a passage back out. ``before`` is empty in the
+        flat format and holds the ChatML system and user headers in "chatml"; ``after`` holds the instruction
+        (plus the \\boxed{} request when ``boxed``) and, in ChatML, the assistant header."""
+        if not isinstance(instruction, str) or not instruction:
+            raise ValueError("prompt: the instruction must be a non-empty string")
+        return self._wrap(instruction)
+
     def _wrap(self, instruction: str) -> tuple[list[int], list[int]]:
         if self.boxed:
             instruction += BOXED_INSTRUCTION

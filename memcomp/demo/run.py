@@ -100,7 +100,7 @@ def evaluate_reconstruction(comp, cfg, n: int) -> dict[str, float]:
     docs = docs[:n]
     if len(docs) < n:
         raise RuntimeError(f"only {len(docs)} held-out passages of {cfg.doc_tokens} tokens; lower eval_passages")
-    _, after = SampleBuilder(tok, "flat", chunk_size=cfg.chunk_size)._wrap(INSTRUCTIONS["reconstruction"][0])
+    _, after = SampleBuilder(tok, "flat", chunk_size=cfg.chunk_size).prompt(INSTRUCTIONS["reconstruction"][0])
     mems = comp.encode_chunks([torch.tensor(d) for d in docs])
     result: dict[str, float] = {}
     for name, mm in (("memory", mems), ("control", mems[1:] + mems[:1])):
