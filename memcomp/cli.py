@@ -26,8 +26,11 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     s = run(args.preset, args.stage, args.overrides)
     ev = s["eval"]
+    now = ("" if s["steps_trained_now"] else ", already trained: evaluation only") + (
+        f"; this run {s['invocation_seconds'] / 60:.1f} min")
     print(f"\nmemcomp demo, {args.stage} ({args.preset}, {s['compression']} compression, "
-          f"{s['parameters'] / 1e6:.1f}M params, {s['total_seconds'] / 60:.1f} min)")
+          f"{s['parameters'] / 1e6:.1f}M params, trained {s['train_seconds'] / 60:.1f} min, "
+          f"evaluated {s['eval_seconds'] / 60:.1f} min{now})")
     by_task = ", ".join(f"{k} {v:.3f}" for k, v in sorted(s["final_task_loss"].items()))
     print(f"  final training loss by task   {by_task}")
     print("  held-out                       right memory   control (another passage's memory)")
@@ -35,10 +38,19 @@ def _demo(args: argparse.Namespace) -> int:
              ("teacher-forced accuracy", "teacher_forced_accuracy")] if args.stage == "cpt"
             else [("answer accuracy", "answer_accuracy")])
     for label, key in rows:
-        print(f"  {label:<30}{ev['memory_' + key]:>11.3f}   {ev['control_' + key]:.3f}")
+        ci = lambda name: (f" [{ev[name + '_ci95'][0]:.3f}, {ev[name + '_ci95'][1]:.3f}]"
+                           if name + "_ci95" in ev else "")
+        print(f"  {label:<30}{ev['memory_' + key]:>11.3f}{ci('memory_' + key)}   "
+              f"{ev['control_' + key]:.3f}{ci('control_' + key)}")
     verdict = "yes" if s["memory_carries_information"] else "NO"
     ratios = ", ".join(f"{k} {v:.1f}x" for k, v in s["memory_vs_control_ratios"].items())
-    print(f"  memory carries information (>= 2x control): {verdict} ({ratios})")
+    if args.stage == "cpt":
+        print(f"  memory carries information (>= 2x control): {verdict} ({ratios})")
+    else:
+        lo, hi = ev["answer_accuracy_difference_ci95"]
+        print(f"  {ev['questions']} questions on {ev['passages']} passages; right minus control "
+              f"{ev['answer_accuracy_difference']:+.3f}, 95 % interval [{lo:+.3f}, {hi:+.3f}]")
+        print(f"  memory carries information (interval above 0): {verdict} ({ratios})")
     print(f"  wrote {s['out_dir']}/summary.json, loss.png, compressor/, metrics.jsonl, checkpoints")
     return 0
 
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--stage", default="cpt", choices=("cpt", "sft"),
                       help="cpt (default): CPT + reconstruction eval; sft: continue with SFT on synthetic QA")
     demo.add_argument("overrides", nargs="*", help="key=value: any trainer option (steps=2000, device=cuda, "
-                      "out_dir=...) or eval_passages=N")
+                      "out_dir=...), eval_passages=N (cpt) or eval_questions=N (sft, 0 = all)")
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="benchmarks outside pytest")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

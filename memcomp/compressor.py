@@ -212,7 +212,16 @@ class MemoryCompressor(nn.Module):
                 raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
             tokenizer.pad_token = tokenizer.eos_token
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+            from transformers.utils import logging as hf_logging
+
+            # Its notice (new rows drawn from the old rows' mean and covariance, "use mean_resizing=False" to
+            # turn off) describes the init memcomp wants for the MEM rows, on every run: not printed.
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model.resize_token_embeddings(len(tokenizer))
+            finally:
+                hf_logging.set_verbosity(verbosity)
         d = model.config.hidden_size
         ref = model.get_input_embeddings().weight
         projection = nn.Linear(d, d, bias=config.projection_bias, device=ref.device, dtype=ref.dtype)

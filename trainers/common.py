@@ -29,6 +29,7 @@ from memcomp.data import MIXTURES, DataError, JsonlReader, SampleStream
 from memcomp.fqlora import FQLoRAConfig, apply_fqlora, param_groups
 from memcomp.packing import PackingCollator
 from memcomp.profiling import nvtx_range
+from memcomp.runtime import set_threads
 from memcomp.tasks import SampleBuilder
 
 # --------------------------------------------------------------------------------------------------
@@ -91,6 +92,7 @@ class TrainConfig:
     stop_after: int = 0             # end this invocation after N steps, with a checkpoint (preemptible jobs)
     deepspeed: bool = False
     zero_stage: int = 3
+    threads: int = 0                # CPU threads for torch: 0 = choose (memcomp.runtime.choose_threads)
 
     def __post_init__(self) -> None:
         if self.stage not in ("cpt1", "cpt2", "sft"):
@@ -116,6 +118,9 @@ def _paper(stage: str) -> dict[str, Any]:
                 "max_tokens": 2048, "samples_per_step": 512, "prompt_format": "chatml"}
     return {**common, "lr_full": 2e-5, "lr_proj": 0.0, "freeze_projection": True, "warmup_ratio": 0.03,
             "min_lr_ratio": 0.1, "max_tokens": 4096, "samples_per_step": 128, "prompt_format": "chatml"}
+
+
+RECIPES = ("tiny_cpu", "qwen2.5-7b", "qwen2.5-32b")
 
 
 def recipe(name: str, stage: str) -> TrainConfig:
@@ -166,13 +171,26 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 def config_from_cli(stage_default: str, argv: Optional[list[str]] = None) -> TrainConfig:
     import argparse
 
-    p = argparse.ArgumentParser(prog=f"python -m memcomp.trainers.{'sft' if stage_default == 'sft' else 'cpt'}")
-    p.add_argument("--recipe", default="tiny_cpu")
-    p.add_argument("--stage", default=stage_default, help="cpt1 or cpt2 (cpt); sft")
+    stages = ("sft",) if stage_default == "sft" else ("cpt1", "cpt2")
+    p = argparse.ArgumentParser(prog=f"python -m memcomp.trainers.{'sft' if stage_default == 'sft' else 'cpt'}",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=options_help())
+    p.add_argument("--recipe", default="tiny_cpu", choices=RECIPES, help="default tiny_cpu")
+    p.add_argument("--stage", default=stage_default, choices=stages, help=f"default {stage_default}")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="any option below (JSON values, else strings)")
     args = p.parse_args(argv)
     return apply_overrides(recipe(args.recipe, args.stage), args.overrides)
+
+
+def options_help() -> str:
+    """The ``key=value`` options with their types and defaults (the recipe sets many of them)."""
+    lines = ["options (key=value; the recipe's values replace these defaults):"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("recipe", "stage"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else ""
+        lines.append(f"  {f.name}={default!r}".replace("'", ""))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +216,9 @@ def prepare_tiny_data(cfg: TrainConfig) -> TrainConfig:
         splits = stdlib_passages()
         for split in ("train", "heldout"):
             _write_jsonl(paths[split], [{"text": t} for t in splits[split]])
-            _write_jsonl(paths[f"qa_{split}"], synthetic_qa(splits[split], seed=cfg.seed))
+            # Held out: all three questions of every passage (3x the questions for the demo's verdict).
+            _write_jsonl(paths[f"qa_{split}"], synthetic_qa(splits[split], seed=cfg.seed,
+                                                            every_question=split == "heldout"))
         train_tokenizer(splits["train"], cfg.tiny_vocab).save_pretrained(os.path.join(data, "tokenizer"))
     return dataclasses.replace(
         cfg, tokenizer_dir=cfg.tokenizer_dir or os.path.join(data, "tokenizer"),
@@ -206,18 +226,19 @@ def prepare_tiny_data(cfg: TrainConfig) -> TrainConfig:
         qa_file=cfg.qa_file or paths["qa_train"], val_qa_file=cfg.val_qa_file or paths["qa_heldout"])
 
 
-def synthetic_qa(texts: list[str], seed: int = 0) -> list[dict[str, str]]:
+def synthetic_qa(texts: list[str], seed: int = 0, every_question: bool = False) -> list[dict[str, str]]:
     """Questions answerable only from the passage (another passage's memory gives another answer): its
-    first, second or third word. (Asking which word follows a given word was too hard for the 3.5M demo
-    model in 300 steps: it answered the most frequent word every time.)"""
+    first, second or third word -- one drawn at random per passage, or all three with ``every_question``
+    (consecutive records then share a passage). (Asking which word follows a given word was too hard for the
+    3.5M demo model in 300 steps: it answered the most frequent word every time.)"""
     rng, out = random.Random(seed), []
     for t in texts:
         words = t.split()[:40]
         if len(words) < 8:
             continue
-        k = rng.randrange(3)
-        out.append({"context": " ".join(words), "question": f"What is the {('first', 'second', 'third')[k]} word "
-                    "of the passage?", "answer": words[k]})
+        for k in range(3) if every_question else [rng.randrange(3)]:
+            out.append({"context": " ".join(words), "question": f"What is the {('first', 'second', 'third')[k]} "
+                        "word of the passage?", "answer": words[k]})
     return out
 
 
@@ -478,6 +499,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with the loss curve."""
     from tqdm.auto import tqdm
 
+    if not torch.cuda.is_available():  # say it, so DeepSpeed (imported by accelerate on every save) does not warn
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    threads = set_threads(cfg.threads)
     if cfg.recipe == "tiny_cpu":
         cfg = prepare_tiny_data(cfg)
     for name in ("text_file", "qa_file", "summary_file", "val_text_file", "val_qa_file"):
@@ -502,13 +526,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             else load_deepspeed_checkpoint(engine, cfg.out_dir, stream))
     start = meta["step"] if meta else 0
     history: list[dict[str, Any]] = list(meta.get("history", [])) if meta else []
+    trained_seconds = float((meta or {}).get("train_seconds", 0.0))
+    if rank == 0:
+        print(f"memcomp {cfg.stage} | recipe {cfg.recipe} | {_device(cfg)} {cfg.dtype} | {threads} | "
+              f"{sum(p.numel() for p in comp.parameters()) / 1e6:.1f}M parameters | out {cfg.out_dir} | "
+              + (f"resuming at step {start} of {cfg.steps}" if start else f"{cfg.steps} steps"), file=sys.stderr)
+        if start >= cfg.steps:
+            print(f"memcomp {cfg.stage}: training already finished ({start} steps in {cfg.out_dir}); nothing to "
+                  "train (a new out_dir= starts afresh)", file=sys.stderr)
     val = ([s for s in build_stream(cfg, comp, validation=True).take(cfg.eval_samples)]
            if cfg.eval_every and (cfg.val_text_file or cfg.val_qa_file) else [])
     best, bad_evals = (meta or {}).get("best", math.inf), (meta or {}).get("bad_evals", 0)
     writer = _tensorboard(cfg.out_dir) if rank == 0 else None
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(range(start, cfg.steps), desc=f"memcomp {cfg.stage}", unit="step", disable=rank != 0,
+    metrics = _open_metrics(cfg.out_dir, start) if rank == 0 else None
+    invocation = {"started": _now(), "resumed_from": start, "threads": torch.get_num_threads()}
+    # tqdm redraws its bar with carriage returns, hundreds of KB of them in a log file: when stderr is not a
+    # terminal, a plain line every 30 s (and at the end) instead.
+    tty = sys.stderr.isatty()
+    if not tty:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its checkpoint-shard bars too
+    bar = tqdm(range(start, cfg.steps), desc=f"memcomp {cfg.stage}", unit="step", disable=rank != 0 or not tty,
                initial=start, total=cfg.steps)
+    last_line = time.perf_counter()
     stopped = False
     for step in bar:
         if cfg.stop_after and step - start >= cfg.stop_after:
@@ -532,6 +573,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     sched.step()
                     opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
+        trained_seconds += dt
         rec = {"step": step + 1, "loss": loss, "tokens_per_s": _all_reduce(n_tok, comp.device) / dt,
                "lr": {g["name"]: g["lr"] for g in opt.param_groups},
                "task_loss": {t: s_ / c for t, (s_, c) in per_task.items()}}  # this rank's samples
@@ -545,6 +587,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         history.append(rec)
         if rank == 0:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if not tty and (time.perf_counter() - last_line >= 30 or step + 1 == cfg.steps):
+                last_line = time.perf_counter()
+                print(f"memcomp {cfg.stage}: step {step + 1}/{cfg.steps} loss {loss:.3f} "
+                      f"{rec['tokens_per_s']:.0f} tok/s" + (f" val {rec['val_loss']:.3f}" if "val_loss" in rec else ""),
+                      file=sys.stderr, flush=True)
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             if writer is not None:
@@ -553,7 +600,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     writer.add_scalar("loss/val", rec["val_loss"], step + 1)
         last = step + 1 == cfg.steps or stopped or (cfg.stop_after and step + 1 - start >= cfg.stop_after)
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            extra = {"history": history, "best": best, "bad_evals": bad_evals}
+            extra = {"history": history, "best": best, "bad_evals": bad_evals, "train_seconds": trained_seconds}
             if engine is not None:
                 save_deepspeed_checkpoint(engine, cfg.out_dir, step + 1, stream, extra)
             elif rank == 0:
@@ -567,8 +614,38 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics.close()
         if writer is not None:
             writer.close()
-        print(" | ".join(r.report() for r in stream.readers.values()), file=sys.stderr)
-    return {"config": dataclasses.asdict(cfg), "history": history, "compressor": comp, "stopped_early": stopped}
+        used = [r.report() for r in stream.readers.values() if r.good or r.bad]  # a file never read: no line
+        if used:
+            print(" | ".join(used), file=sys.stderr)
+        invocation.update(ended=_now(), last_step=history[-1]["step"] if history else start)
+        with open(os.path.join(cfg.out_dir, "runs.jsonl"), "a") as f:
+            f.write(json.dumps(invocation) + "\n")
+    return {"config": dataclasses.asdict(cfg), "history": history, "compressor": comp, "stopped_early": stopped,
+            "train_seconds": trained_seconds, "steps_this_run": (history[-1]["step"] if history else start) - start}
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _open_metrics(out_dir: str, start: int):
+    """metrics.jsonl holds exactly the steps of the run being continued: on a fresh start it is emptied, on a
+    resume from step ``start`` the lines of steps after it (written by an invocation killed before its next
+    checkpoint, and about to be redone) are dropped. Each invocation is recorded in runs.jsonl."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    kept = []
+    if start and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", math.inf) <= start:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+    _atomic_write(path, "".join(kept))
+    return open(path, "a")
 
 
 def _tensorboard(out_dir: str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any
@@ -28,7 +29,7 @@ PRESETS: dict[str, list[str]] = {
     "small": ["device=cuda", "dtype=bfloat16", "tiny_hidden=512", "tiny_layers=8", "tiny_vocab=8192", "chunk_size=16",
               "doc_tokens=256", "steps=4000", "samples_per_step=32", "lr_full=1e-3", "lr_proj=2e-3"],
 }
-DEMO_OPTIONS = {"eval_passages": 64}
+DEMO_OPTIONS = {"eval_passages": 64, "eval_questions": 0}  # eval_questions: 0 = every held-out question
 
 
 def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = None):
@@ -48,7 +49,7 @@ def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] |
         else:
             rest.append(item)
     if preset == "smoke":
-        options["eval_passages"] = 4
+        options["eval_passages"], options["eval_questions"] = 4, 6
     cfg = recipe("tiny_cpu", "cpt1" if stage == "cpt" else "sft")
     cfg = apply_overrides(cfg, PRESETS[preset] + rest)
     if stage == "sft" and not cfg.init_from:
@@ -125,21 +126,62 @@ def evaluate_reconstruction(comp, cfg, n: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_qa(comp, cfg, n: int) -> dict[str, float]:
-    """Held-out synthetic QA: exact answer from the right memory vs from another passage's memory."""
+def evaluate_qa(comp, cfg, n: int = 0) -> dict[str, float]:
+    """Held-out synthetic QA (``n`` questions, 0 = all): the exact answer from the right memory vs from another
+    passage's memory (the control: the next passage's, never the same passage's), on the same questions with
+    the same greedy decoding. Reports both accuracies with Wilson 95 % intervals and the paired difference
+    with its 95 % interval (normal approximation over per-question differences)."""
     tok = comp.tokenizer
     sb = SampleBuilder(tok, cfg.prompt_format, chunk_size=cfg.chunk_size)
-    recs = _records(cfg.val_qa_file)[:n]
-    samples = [sb.qa(tok(r["context"], add_special_tokens=False)["input_ids"][: cfg.doc_tokens], r["question"],
-                     tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in recs]
-    mems = comp.encode_chunks([torch.tensor(s.context) for s in samples])
-    result = {}
-    for name, mm in (("memory", mems), ("control", mems[1:] + mems[:1])):
-        out = comp.generate(mm, [s.after for s in samples], prefixes=[s.before for s in samples], max_new_tokens=6)
-        # The tiny tokenizer spells ChatML's end marker as text: cut the answer there.
-        hits = [o.split("<|im_end")[0].strip().split()[:1] == [r["answer"]] for o, r in zip(out, recs)]
-        result[f"{name}_answer_accuracy"] = sum(hits) / len(hits)
+    recs = _records(cfg.val_qa_file)
+    recs = recs[:n] if n else recs
+    contexts = list(dict.fromkeys(r["context"] for r in recs))  # passages in order, once each
+    if len(contexts) < 2:
+        raise RuntimeError(f"{cfg.val_qa_file}: the control needs questions from at least two passages")
+    other = {c: contexts[(i + 1) % len(contexts)] for i, c in enumerate(contexts)}
+    ids = {c: tok(c, add_special_tokens=False)["input_ids"][: cfg.doc_tokens] for c in contexts}
+    encoded = dict(zip(contexts, comp.encode_chunks([torch.tensor(ids[c]) for c in contexts])))
+    samples = [sb.qa(ids[r["context"]], r["question"], tok(r["answer"], add_special_tokens=False)["input_ids"])
+               for r in recs]
+    hits = {}
+    for name, pick in (("memory", lambda c: c), ("control", lambda c: other[c])):
+        hits[name] = []
+        for b0 in range(0, len(recs), 32):
+            batch = recs[b0:b0 + 32]
+            out = comp.generate([encoded[pick(r["context"])] for r in batch],
+                                [s.after for s in samples[b0:b0 + 32]],
+                                prefixes=[s.before for s in samples[b0:b0 + 32]], max_new_tokens=6)
+            # The tiny tokenizer spells ChatML's end marker as text: cut the answer there.
+            hits[name] += [o.split("<|im_end")[0].strip().split()[:1] == [r["answer"]] for o, r in zip(out, batch)]
+    result: dict[str, float] = {"questions": len(recs), "passages": len(contexts)}
+    for name, h in hits.items():
+        k = sum(h)
+        result[f"{name}_answer_accuracy"] = k / len(h)
+        result[f"{name}_answer_accuracy_ci95"] = wilson_interval(k, len(h))
+    diff = [int(a) - int(b) for a, b in zip(hits["memory"], hits["control"])]
+    result["answer_accuracy_difference"] = sum(diff) / len(diff)
+    result["answer_accuracy_difference_ci95"] = mean_interval(diff)
     return result
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k / n (95 % at z = 1.96)."""
+    if n <= 0:
+        raise ValueError("wilson_interval needs n >= 1")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """Mean +- z standard errors (sample standard deviation; 95 % at z = 1.96)."""
+    n = len(values)
+    if n < 2:
+        raise ValueError("mean_interval needs at least two values")
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return (mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n))
 
 
 def plot_history(history: list[dict[str, Any]], path: str, title: str) -> bool:
@@ -188,17 +230,18 @@ def run(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = 
     comp = result.pop("compressor")
     comp.eval()
     history = result["history"]
-    n = options["eval_passages"]
+    t_eval = time.time()
     if stage == "cpt":
-        metrics = evaluate_reconstruction(comp, cfg, n)
+        metrics = evaluate_reconstruction(comp, cfg, options["eval_passages"])
         ratios = {"greedy": metrics["memory_token_accuracy"] / max(metrics["control_token_accuracy"], 1e-9),
                   "teacher_forced": metrics["memory_teacher_forced_accuracy"]
                   / max(metrics["control_teacher_forced_accuracy"], 1e-9)}
         carries = ratios["greedy"] >= 2.0 and ratios["teacher_forced"] >= 2.0
     else:
-        metrics = evaluate_qa(comp, cfg, n)
+        metrics = evaluate_qa(comp, cfg, options["eval_questions"])
         ratios = {"answer": metrics["memory_answer_accuracy"] / max(metrics["control_answer_accuracy"], 1e-9)}
-        carries = ratios["answer"] >= 2.0
+        # Right memory above the control with 95 % confidence (the paired difference's interval excludes 0).
+        carries = metrics["answer_accuracy_difference_ci95"][0] > 0
     last = history[-min(20, len(history)):]
     task_last = {t: sum(r["task_loss"][t] for r in last if t in r["task_loss"])
                  / max(1, sum(t in r["task_loss"] for r in last))
@@ -209,7 +252,11 @@ def run(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = 
         "compression": f"{cfg.chunk_size}x", "final_loss": sum(r["loss"] for r in last) / len(last),
         "final_task_loss": task_last, "losses": [r["loss"] for r in history], "eval": metrics,
         "memory_vs_control_ratios": ratios, "memory_carries_information": carries,
-        "stopped_early": result["stopped_early"], "total_seconds": time.time() - t0,
+        "stopped_early": result["stopped_early"],
+        # Training time over every invocation of this run (a resumed or finished run keeps its earlier time);
+        # this invocation's own time and its evaluation, apart.
+        "train_seconds": result["train_seconds"], "steps_trained_now": result["steps_this_run"],
+        "eval_seconds": time.time() - t_eval, "invocation_seconds": time.time() - t0,
     }
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

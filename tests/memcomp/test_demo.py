@@ -6,7 +6,7 @@ import pytest
 
 from memcomp.cli import main
 from memcomp.demo.corpus import stdlib_passages
-from memcomp.demo.run import make_config, position_accuracy, rouge_l_f1
+from memcomp.demo.run import make_config, mean_interval, position_accuracy, rouge_l_f1, wilson_interval
 
 
 def test_corpus_is_real_text_with_a_heldout_split():
@@ -20,6 +20,10 @@ def test_metrics():
     assert rouge_l_f1([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)
     assert rouge_l_f1([], [1]) == 0.0
     assert position_accuracy([1, 2], [1, 3, 4]) == pytest.approx(1 / 3)
+    # Wilson score interval, 95 % (worked by hand): 8 of 64 -> (0.06472, 0.22775); 0 of 10 -> (0, 0.27754)
+    assert wilson_interval(8, 64) == pytest.approx((0.06472, 0.22775), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27754), abs=1e-4)
+    assert mean_interval([1, 0, 1, 0]) == pytest.approx((0.5 - 1.96 * 0.57735 / 2, 0.5 + 1.96 * 0.57735 / 2), abs=1e-4)
 
 
 def test_config_rejects_unknown_keys_and_presets():
@@ -55,6 +59,16 @@ def test_demo_smoke_end_to_end_cpt_then_sft(tmp_path, capsys):
 
     assert main(["demo", "--preset", "smoke", "--stage", "sft", f"out_dir={json.dumps(str(out / 'sft'))}"]) == 0
     sft = json.loads((out / "sft" / "summary.json").read_text())
-    assert set(sft["eval"]) == {"memory_answer_accuracy", "control_answer_accuracy"}
+    ev = sft["eval"]
+    assert ev["questions"] == 6 and ev["passages"] == 2  # every question of a passage, three per passage
+    for name in ("memory_answer_accuracy", "control_answer_accuracy"):
+        lo, hi = ev[name + "_ci95"]
+        assert 0.0 <= lo <= ev[name] <= hi <= 1.0
+    assert sft["train_seconds"] > 0 and sft["steps_trained_now"] == 6
+    # Run again: nothing left to train; the summary keeps the training time and says this run only evaluated.
+    assert main(["demo", "--preset", "smoke", "--stage", "sft", f"out_dir={json.dumps(str(out / 'sft'))}"]) == 0
+    again = json.loads((out / "sft" / "summary.json").read_text())
+    assert again["steps_trained_now"] == 0 and again["train_seconds"] == pytest.approx(sft["train_seconds"])
+    assert "already trained: evaluation only" in capsys.readouterr().out
     assert main(["demo", "--preset", "smoke", "--stage", "sft",
                  f"out_dir={json.dumps(str(tmp_path / 'nowhere' / 'sft'))}"]) == 2

@@ -65,6 +65,34 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(data_root, tmp_path):
     assert resumed == pytest.approx(full, rel=1e-6, abs=1e-7)
 
 
+def test_run_directory_tells_the_truth_across_restarts(data_root, tmp_path, capsys):
+    """metrics.jsonl holds each step once: lines a killed invocation wrote after its last checkpoint are dropped
+    on resume, a fresh start empties it; runs.jsonl records every invocation; a log file gets plain lines."""
+    run = _run_dir(data_root, tmp_path)
+    _cpt(run, "steps=4", "stop_after=2")
+    metrics = run / "cpt" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # a step the killed invocation logged but never checkpointed, then a cut line
+        f.write(json.dumps({"step": 3, "loss": 99.0}) + "\n" + '{"step": 4, "lo')
+    losses = _cpt(run, "steps=4")
+    assert [json.loads(line)["step"] for line in open(metrics)] == [1, 2, 3, 4] and 99.0 not in losses
+    runs = [json.loads(line) for line in open(run / "cpt" / "runs.jsonl")]
+    assert [(r["resumed_from"], r["last_step"]) for r in runs] == [(0, 2), (2, 4)]
+    _cpt(run, "steps=4")  # finished: nothing trained, nothing appended, and it says so
+    assert len(_losses(run / "cpt")) == 4
+    err = capsys.readouterr().err
+    assert "training already finished (4 steps" in err and "\r" not in err and "threads" in err
+    assert "qa_train.jsonl" not in err  # a file the CPT mixture never reads is not reported
+
+
+def test_trainer_help_lists_recipes_stages_and_options(capsys):
+    for main, stages in ((cpt_main, "{cpt1,cpt2}"), (sft_main, "{sft}")):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert "tiny_cpu,qwen2.5-7b,qwen2.5-32b" in out and stages in out
+        assert "samples_per_step=" in out and "threads=0" in out
+
+
 def test_activation_checkpointing_leaves_the_losses_unchanged(data_root, tmp_path):
     plain = _cpt(_run_dir(data_root, tmp_path, "plain"))
     assert _cpt(_run_dir(data_root, tmp_path, "ckpt"), "activation_checkpointing=true") == pytest.approx(
