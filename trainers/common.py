@@ -462,10 +462,13 @@ def _step_rows(model, engine, rows, tasks: list[str], global_targets: float, n_b
     ``n_backward`` micro-steps (ZeRO-3's collectives need the same count everywhere): a rank with fewer rows
     repeats its last one at weight 0."""
     total, per_task = 0.0, {}
+    # DeepSpeed averages gradients over the data-parallel ranks (its reduce-scatter divides by the world
+    # size): scaled by it here, each rank's share of the global token sum comes out as the token mean.
+    scale = _dist()[1] if engine is not None else 1
     for i in range(n_backward):
         row, weight = (rows[i], 1.0) if i < len(rows) else (rows[-1], 0.0)
         out = model(row)
-        loss = out.token_losses.sum() * (weight / global_targets)
+        loss = out.token_losses.sum() * (weight * scale / global_targets)
         if engine is not None:
             engine.set_gradient_accumulation_boundary(i == n_backward - 1)
             engine.backward(loss)
@@ -566,15 +569,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             with nvtx_range("optimizer"):
                 if engine is not None:
                     engine.step()
+                    grad_norm = float(engine.get_global_grad_norm())  # before clipping, as below
                 else:
-                    torch.nn.utils.clip_grad_norm_([p for p in comp.parameters() if p.requires_grad],
-                                                   cfg.max_grad_norm)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        [p for p in comp.parameters() if p.requires_grad], cfg.max_grad_norm))
                     opt.step()
                     sched.step()
                     opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         trained_seconds += dt
-        rec = {"step": step + 1, "loss": loss, "tokens_per_s": _all_reduce(n_tok, comp.device) / dt,
+        rec = {"step": step + 1, "loss": loss, "grad_norm": grad_norm,
+               "tokens_per_s": _all_reduce(n_tok, comp.device) / dt,
                "lr": {g["name"]: g["lr"] for g in opt.param_groups},
                "task_loss": {t: s_ / c for t, (s_, c) in per_task.items()}}  # this rank's samples
         if val and (step + 1) % cfg.eval_every == 0:

@@ -267,6 +267,10 @@ def test_two_zero3_ranks_reproduce_the_single_process_run_and_resume(data_root, 
     _zero3(run, "stop_after=2", port_offset=0)               # killed after step 2, then resumed
     _zero3(run, port_offset=1)
     assert _losses(run / "cpt") == pytest.approx(single, rel=1e-5)
+    # The gradient itself, not only the losses (AdamW hides a constant factor in the gradient): DeepSpeed
+    # averages over ranks, so without the world-size factor the two-rank gradient norm was half the token mean's.
+    norms = lambda d: [json.loads(line)["grad_norm"] for line in open(d / "cpt" / "metrics.jsonl")]
+    assert norms(run) == pytest.approx(norms(tmp_path / "single"), rel=1e-4)
     assert (run / "cpt" / "deepspeed" / "latest").read_text().strip() == "ckpt-0000003"
     from memcomp import MemoryCompressor
 
