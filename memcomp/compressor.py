@@ -30,6 +30,7 @@ from memcomp.fused import segment_mean_proj
 from memcomp.memory import Memory, MemoryMismatchError
 from memcomp.packing import PackedBatch
 from memcomp.profiling import nvtx_first_forward, nvtx_range
+from memcomp.projection import init_projection
 
 CONFIG_FILE = "memcomp_config.json"
 PROJECTION_FILE = "memcomp_projection.safetensors"
@@ -225,13 +226,7 @@ class MemoryCompressor(nn.Module):
         d = model.config.hidden_size
         ref = model.get_input_embeddings().weight
         projection = nn.Linear(d, d, bias=config.projection_bias, device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            if config.projection_init == "identity":
-                projection.weight.copy_(torch.eye(d, dtype=ref.dtype, device=ref.device))
-            else:
-                projection.weight.normal_(0.0, d ** -0.5)
-            if projection.bias is not None:
-                projection.bias.zero_()
+        init_projection(projection, model, config.projection_init)  # memcomp.projection: why scaled_normal
         return cls(model, tokenizer, config, projection)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -107,12 +107,16 @@ def run_ttft(cfg: TTFTConfig, log: Callable[[str], None] = print,
     from memcomp.compressor import MemoryCompressor
     from memcomp.config import CompressorConfig
     from memcomp.model_configs import IdTokenizer, random_model
+    from memcomp.models import MODELS, load_pretrained
 
     device, dtype = cfg.device, getattr(torch, cfg.dtype)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("TTFT benchmark on cuda requested but CUDA is not available (use --device cpu)")
     attn = _attention_implementation(device)
-    model = random_model(cfg.model_config, device=device, dtype=dtype, attn_implementation=attn)
+    if cfg.model_config in MODELS:  # a real pretrained model (memcomp.models); the others are random weights
+        model = load_pretrained(cfg.model_config, dtype=dtype, device=device, attn_implementation=attn)[0]
+    else:
+        model = random_model(cfg.model_config, device=device, dtype=dtype, attn_implementation=attn)
     vocab = model.config.vocab_size
 
     per_emb = MemoryCompressor.from_base(model, IdTokenizer(vocab), CompressorConfig(chunk_size=cfg.chunk_size,

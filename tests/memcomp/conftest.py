@@ -21,3 +21,20 @@ def make_compressor(base_tokenizer):
         return comp
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded():
+    """SmolLM2-135M-Instruct, loaded once per session (memcomp.models: ~1 s from the converted cache, ~30 s for the
+    conversion on a machine's first use). Not a skip when missing: scripts/setup.sh installs it, and the error names
+    the command."""
+    from memcomp.models import load_pretrained
+
+    return load_pretrained("smollm2-135m-instruct")
+
+
+@pytest.fixture
+def smollm2(smollm2_loaded):
+    """A private (model, tokenizer) copy per test: tests add tokens, resize embeddings and swap modules."""
+    model, tok = smollm2_loaded
+    return copy.deepcopy(model), copy.deepcopy(tok)

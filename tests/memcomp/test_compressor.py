@@ -287,7 +287,10 @@ def test_from_base_adds_tokens_and_resizes(base_tokenizer):
     comp = MemoryCompressor.from_base(model, tok)
     assert comp.model.get_input_embeddings().weight.shape[0] == n + 2 == len(tok)
     assert tok.convert_tokens_to_ids("<MEM_START>") == comp.mem_start_id != comp.mem_end_id
-    torch.testing.assert_close(comp.projection.weight, torch.eye(comp.hidden_size))  # identity init
+    from memcomp.projection import embedding_scale  # default scaled_normal: N(0, s^2 / d)
+
+    std = float(comp.projection.weight.std()) * comp.hidden_size ** 0.5
+    assert std == pytest.approx(embedding_scale(comp.model), rel=0.1)
 
 
 @pytest.mark.parametrize("kwargs,msg", [
