@@ -21,11 +21,11 @@ def _demo(args: argparse.Namespace) -> int:
     if refusal:
         print(f"memcomp demo: {refusal}", file=sys.stderr)
         return 2
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
         print("memcomp demo: device=cuda but CUDA is not available", file=sys.stderr)
         return 2
-    if args.stage == "sft" and not os.path.isdir(cfg.init_from):
-        print(f"memcomp demo --stage sft continues from the CPT demo: {cfg.init_from} not found; run "
+    if args.stage == "sft" and not os.path.isdir(cfg.compressor.init_from):
+        print(f"memcomp demo --stage sft continues from the CPT demo: {cfg.compressor.init_from} not found; run "
               "`memcomp demo` first (or pass init_from=...)", file=sys.stderr)
         return 2
     s = run(args.preset, args.stage, args.overrides)

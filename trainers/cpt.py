@@ -2,20 +2,18 @@
 phase 2 (continuation, QA, summarization, reconstruction + plain LM); encoder, projection and decoder jointly.
 
     python -m memcomp.trainers.cpt --recipe tiny_cpu                       # the demo, on a CPU
-    python -m memcomp.trainers.cpt --recipe qwen2.5-7b model_dir=/models/Qwen2.5-7B text_file=cpt.jsonl
+    python -m memcomp.trainers.cpt --recipe qwen2.5-7b compressor.model_dir=/models/Qwen2.5-7B data.text_file=cpt.jsonl
     deepspeed --num_gpus 8 -m memcomp.trainers.cpt --recipe qwen2.5-7b --stage cpt2 ...   # ZeRO-3
 """
 
 import sys
 
-from memcomp.trainers.common import config_from_cli, train
+from memcomp.trainers.config import config_from_cli
+from memcomp.trainers.loop import train
 
 
 def main(argv=None) -> int:
-    cfg = config_from_cli("cpt1", argv)
-    if cfg.stage == "sft":
-        raise SystemExit("use memcomp.trainers.sft for the SFT stage")
-    train(cfg)
+    train(config_from_cli("python -m memcomp.trainers.cpt", ("cpt1", "cpt2"), argv))
     return 0
 
 

@@ -1,17 +1,18 @@
 """Instruction tuning (seed 002, section 3.3.2): QA samples in ChatML, the projection frozen, encoder and
-decoder trained; usually continues from a CPT checkpoint (``init_from=``).
+decoder trained; usually continues from a CPT checkpoint (``compressor.init_from=``).
 
     python -m memcomp.trainers.sft --recipe tiny_cpu init_from=runs/demo/cpt/compressor
-    deepspeed --num_gpus 8 -m memcomp.trainers.sft --recipe qwen2.5-7b init_from=... qa_file=qa.jsonl
+    deepspeed --num_gpus 8 -m memcomp.trainers.sft --recipe qwen2.5-7b init_from=... data.qa_file=qa.jsonl
 """
 
 import sys
 
-from memcomp.trainers.common import config_from_cli, train
+from memcomp.trainers.config import config_from_cli
+from memcomp.trainers.loop import train
 
 
 def main(argv=None) -> int:
-    train(config_from_cli("sft", argv))
+    train(config_from_cli("python -m memcomp.trainers.sft", ("sft",), argv))
     return 0
 
 

@@ -24,15 +24,16 @@ from memcomp.tasks import INSTRUCTIONS, SampleBuilder
 
 PRESETS: dict[str, list[str]] = {
     "tiny": [],  # ~10 minutes on 2 CPU cores
-    "smoke": ["steps=6", "samples_per_step=4", "tiny_hidden=64", "tiny_layers=2", "tiny_vocab=512", "doc_tokens=16",
-              "eval_every=0", "save_every=0"],
-    "small": ["device=cuda", "dtype=bfloat16", "tiny_hidden=512", "tiny_layers=8", "tiny_vocab=8192", "chunk_size=16",
-              "doc_tokens=256", "steps=4000", "samples_per_step=32", "lr_full=1e-3", "lr_proj=2e-3"],
+    "smoke": ["optim.steps=6", "optim.samples_per_step=4", "compressor.tiny_hidden=64", "compressor.tiny_layers=2",
+              "compressor.tiny_vocab=512", "data.doc_tokens=16", "run.eval_every=0", "run.save_every=0"],
+    "small": ["run.device=cuda", "run.dtype=bfloat16", "compressor.tiny_hidden=512", "compressor.tiny_layers=8",
+              "compressor.tiny_vocab=8192", "compressor.chunk_size=16", "data.doc_tokens=256", "optim.steps=4000",
+              "optim.samples_per_step=32", "optim.lr_full=1e-3", "optim.lr_proj=2e-3"],
     # The real SmolLM2-135M-Instruct (recipe smollm2): one GPU, under 10 minutes (the recipe's time_limit_min).
     "smollm2": [],
 }
 DEMO_OPTIONS = {"eval_passages": 64, "eval_questions": 0}  # eval_questions: 0 = every held-out question
-# Presets on another recipe than tiny_cpu (memcomp.trainers.common.recipe), with their overrides in PRESETS.
+# Presets on another recipe than tiny_cpu (memcomp.trainers.recipes), with their overrides in PRESETS.
 PRESET_RECIPES = {"smollm2": "smollm2"}
 # GPU-only presets refuse a CPU with an estimate: CPU training throughput of the smollm2 recipe (fp32, decoder +
 # encoder tokens per second), measured with one thread on a 2-core machine: 44-57 tokens/s over 4 steps.
@@ -40,8 +41,11 @@ CPU_TRAIN_TOKENS_PER_S = {"smollm2": 50.0}
 
 
 def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = None):
-    """-> (TrainConfig, demo options). ``overrides``: key=value for any TrainConfig field or demo option."""
-    from memcomp.trainers.common import apply_overrides, recipe
+    """-> (trainer config, demo options). ``overrides``: key=value for any trainer option (dotted, or its short
+    name where unique: ``steps=2000`` is ``optim.steps=2000``) or demo option. Raises ``ValueError`` for an unknown
+    preset, stage or key."""
+    from memcomp.trainers.config import apply_overrides
+    from memcomp.trainers.recipes import recipe
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -59,8 +63,9 @@ def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] |
         options["eval_passages"], options["eval_questions"] = 4, 6
     cfg = recipe(PRESET_RECIPES.get(preset, "tiny_cpu"), "cpt1" if stage == "cpt" else "sft")
     cfg = apply_overrides(cfg, PRESETS[preset] + rest)
-    if stage == "sft" and not cfg.init_from:
-        cfg = dataclasses.replace(cfg, init_from=os.path.join(os.path.dirname(cfg.out_dir), "cpt", "compressor"))
+    if stage == "sft" and not cfg.compressor.init_from:
+        cfg = dataclasses.replace(cfg, compressor=dataclasses.replace(
+            cfg.compressor, init_from=os.path.join(os.path.dirname(cfg.run.out_dir), "cpt", "compressor")))
     return cfg, options
 
 
@@ -103,12 +108,13 @@ def _records(path: str) -> list[dict[str, Any]]:
 def evaluate_reconstruction(comp, cfg, n: int) -> dict[str, float]:
     """Right memory vs another passage's memory (the control), on held-out passages."""
     tok = comp.tokenizer
-    docs = [ids[: cfg.doc_tokens] for ids in (tok(r["text"], add_special_tokens=False)["input_ids"]
-                                                for r in _records(cfg.val_text_file)) if len(ids) >= cfg.doc_tokens]
+    doc_tokens = cfg.data.doc_tokens
+    docs = [ids[:doc_tokens] for ids in (tok(r["text"], add_special_tokens=False)["input_ids"]
+                                         for r in _records(cfg.data.val_text_file)) if len(ids) >= doc_tokens]
     docs = docs[:n]
     if len(docs) < n:
-        raise RuntimeError(f"only {len(docs)} held-out passages of {cfg.doc_tokens} tokens; lower eval_passages")
-    _, after = SampleBuilder(tok, "flat", chunk_size=cfg.chunk_size).prompt(INSTRUCTIONS["reconstruction"][0])
+        raise RuntimeError(f"only {len(docs)} held-out passages of {doc_tokens} tokens; lower eval_passages")
+    _, after = SampleBuilder(tok, "flat", chunk_size=comp.config.chunk_size).prompt(INSTRUCTIONS["reconstruction"][0])
     mems = comp.encode_chunks([torch.tensor(d) for d in docs])
     result: dict[str, float] = {}
     for name, mm in (("memory", mems), ("control", mems[1:] + mems[:1])):
@@ -117,7 +123,7 @@ def evaluate_reconstruction(comp, cfg, n: int) -> dict[str, float]:
             tb, mb = docs[b0:b0 + 16], mm[b0:b0 + 16]
             batch = comp.build_decoder_inputs(mb, [after] * len(tb), padding_side="left")
             gen = comp.model.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                                      max_new_tokens=cfg.doc_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                                      max_new_tokens=doc_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             for g, ref in zip(gen.tolist(), tb):
                 acc.append(position_accuracy(g, ref))
                 rouge.append(rouge_l_f1(g[: len(ref)], ref))
@@ -139,14 +145,14 @@ def evaluate_qa(comp, cfg, n: int = 0) -> dict[str, float]:
     the same greedy decoding. Reports both accuracies with Wilson 95 % intervals and the paired difference
     with its 95 % interval (normal approximation over per-question differences)."""
     tok = comp.tokenizer
-    sb = SampleBuilder(tok, cfg.prompt_format, chunk_size=cfg.chunk_size)
-    recs = _records(cfg.val_qa_file)
+    sb = SampleBuilder(tok, cfg.data.prompt_format, chunk_size=comp.config.chunk_size)
+    recs = _records(cfg.data.val_qa_file)
     recs = recs[:n] if n else recs
     contexts = list(dict.fromkeys(r["context"] for r in recs))  # passages in order, once each
     if len(contexts) < 2:
-        raise RuntimeError(f"{cfg.val_qa_file}: the control needs questions from at least two passages")
+        raise RuntimeError(f"{cfg.data.val_qa_file}: the control needs questions from at least two passages")
     other = {c: contexts[(i + 1) % len(contexts)] for i, c in enumerate(contexts)}
-    ids = {c: tok(c, add_special_tokens=False)["input_ids"][: cfg.doc_tokens] for c in contexts}
+    ids = {c: tok(c, add_special_tokens=False)["input_ids"][: cfg.data.doc_tokens] for c in contexts}
     encoded = dict(zip(contexts, comp.encode_chunks([torch.tensor(ids[c]) for c in contexts])))
     samples = [sb.qa(ids[r["context"]], r["question"], tok(r["answer"], add_special_tokens=False)["input_ids"])
                for r in recs]
@@ -230,17 +236,19 @@ def plot_history(history: list[dict[str, Any]], path: str, title: str) -> bool:
 def cpu_refusal(preset: str, cfg) -> str | None:
     """Why a GPU-only preset will not run here (a CPU device, or device=cuda without CUDA), with the time it would
     take on a CPU; None where it runs (any preset on a GPU, the CPU presets anywhere)."""
-    from memcomp.trainers.common import _device
+    from memcomp.trainers.build import resolve_device
 
-    if preset not in CPU_TRAIN_TOKENS_PER_S or (_device(cfg).startswith("cuda") and torch.cuda.is_available()):
+    if preset not in CPU_TRAIN_TOKENS_PER_S or (resolve_device(cfg.run.device).startswith("cuda")
+                                                and torch.cuda.is_available()):
         return None
     # Tokens per sample through encoder + decoder: a reconstruction sample holds the passage (encoder), 3 decoder
     # positions per chunk, ~8 of instruction and the passage again as target; a plain LM sample the passage.
-    doc, chunks = cfg.doc_tokens, math.ceil(cfg.doc_tokens / cfg.chunk_size)
+    doc, chunks = cfg.data.doc_tokens, math.ceil(cfg.data.doc_tokens / cfg.compressor.chunk_size)
     per_sample = 0.7 * (2 * doc + 3 * chunks + 9) + 0.3 * doc
-    seconds = cfg.steps * cfg.samples_per_step * per_sample / CPU_TRAIN_TOKENS_PER_S[preset]
+    steps, samples = cfg.optim.steps, cfg.optim.samples_per_step
+    seconds = steps * samples * per_sample / CPU_TRAIN_TOKENS_PER_S[preset]
     return (f"the {preset} preset trains a real 135M-parameter model and needs a GPU (under 10 minutes on one "
-            f"H100/H200); on a CPU its {cfg.steps} steps of {cfg.samples_per_step} samples (~{per_sample:.0f} "
+            f"H100/H200); on a CPU its {steps} steps of {samples} samples (~{per_sample:.0f} "
             f"tokens each) would take about {seconds / 3600:.0f} hours at the ~{CPU_TRAIN_TOKENS_PER_S[preset]:.0f} "
             "tokens/s measured on 2 cores. Run it with device=cuda on a GPU machine; `memcomp demo` (the tiny "
             "preset) is the CPU demo")
@@ -248,7 +256,8 @@ def cpu_refusal(preset: str, cfg) -> str | None:
 
 def run(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate one demo preset; raises ``RuntimeError`` for a GPU-only preset on a CPU."""
-    from memcomp.trainers.common import prepare_tiny_data, train
+    from memcomp.trainers.loop import train
+    from memcomp.trainers.recipes import prepare
 
     t0 = time.time()
     cfg, options = make_config(preset, stage, overrides)
@@ -256,7 +265,7 @@ def run(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = 
     if refusal:
         raise RuntimeError(refusal)
     result = train(cfg)
-    cfg = prepare_tiny_data(cfg)
+    cfg = prepare(cfg)
     comp = result.pop("compressor")
     comp.eval()
     history = result["history"]
@@ -279,7 +288,7 @@ def run(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = 
     summary = {
         "stage": stage, "preset": preset, "config": result["config"],
         "parameters": sum(p.numel() for p in comp.parameters()),
-        "compression": f"{cfg.chunk_size}x", "final_loss": sum(r["loss"] for r in last) / len(last),
+        "compression": f"{comp.config.chunk_size}x", "final_loss": sum(r["loss"] for r in last) / len(last),
         "final_task_loss": task_last, "losses": [r["loss"] for r in history], "eval": metrics,
         "memory_vs_control_ratios": ratios, "memory_carries_information": carries,
         "stopped_early": result["stopped_early"], "stopped_by_time_limit": result["stopped_by_time_limit"],
@@ -288,9 +297,9 @@ def run(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = 
         "train_seconds": result["train_seconds"], "steps_trained_now": result["steps_this_run"],
         "eval_seconds": time.time() - t_eval, "invocation_seconds": time.time() - t0,
     }
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+    with open(os.path.join(cfg.run.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_history(history, os.path.join(cfg.out_dir, "loss.png"),
+    plot_history(history, os.path.join(cfg.run.out_dir, "loss.png"),
                  f"memcomp demo ({stage}): learning to read text from memory")
-    summary["out_dir"] = cfg.out_dir
+    summary["out_dir"] = cfg.run.out_dir
     return summary

@@ -32,9 +32,10 @@ def test_config_rejects_unknown_keys_and_presets():
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("huge")
     cfg, options = make_config("tiny", "cpt", ["steps=5", "eval_passages=7"])
-    assert cfg.steps == 5 and options["eval_passages"] == 7 and cfg.stage == "cpt1"
+    assert cfg.optim.steps == 5 and options["eval_passages"] == 7 and cfg.stage == "cpt1"
     sft, _ = make_config("tiny", "sft", ["out_dir=runs/x/sft"])
-    assert sft.stage == "sft" and sft.freeze_projection and sft.init_from == "runs/x/cpt/compressor"
+    assert sft.stage == "sft" and sft.compressor.freeze_projection
+    assert sft.compressor.init_from == "runs/x/cpt/compressor"
 
 
 def test_cli_rejects_bad_overrides(capsys):

@@ -208,8 +208,9 @@ def test_smollm2_demo_preset_refuses_a_cpu_with_an_estimate(capsys):
     from memcomp.demo.run import cpu_refusal, make_config, run
 
     cfg, _ = make_config("smollm2", "cpt", ["device=cpu"])
-    assert (cfg.recipe, cfg.model_dir, cfg.chunk_size, cfg.fqlora) == ("smollm2", "smollm2-135m-instruct", 4, False)
-    assert cfg.projection_init == "scaled_normal" and 0 < cfg.time_limit_min < 10
+    assert (cfg.recipe, cfg.compressor.model_dir, cfg.compressor.chunk_size, cfg.fqlora.enabled) == (
+        "smollm2", "smollm2-135m-instruct", 4, False)
+    assert cfg.compressor.projection_init == "scaled_normal" and 0 < cfg.run.time_limit_min < 10
     assert main(["demo", "--preset", "smollm2", "device=cpu"]) == 2
     err = capsys.readouterr().err
     assert "needs a GPU" in err and "would take about 53 hours" in err
@@ -222,7 +223,7 @@ def test_smollm2_demo_preset_refuses_a_cpu_with_an_estimate(capsys):
 def test_smollm2_recipe_trains_on_the_real_model_and_stops_at_its_time_limit(tmp_path, capsys):
     """The GPU preset's own pipeline (registered model, stdlib data without a tokenizer of its own, full
     fine-tuning, packed rows), one CPU step; a time limit ends the run after the step that reaches it."""
-    from memcomp.trainers.common import apply_overrides, recipe, train
+    from memcomp.trainers import apply_overrides, recipe, train
 
     cfg = apply_overrides(recipe("smollm2", "cpt1"), [
         "device=cpu", "dtype=float32", "steps=3", "samples_per_step=2", "doc_tokens=16", "save_every=0",

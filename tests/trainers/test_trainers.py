@@ -11,22 +11,24 @@ import sys
 
 import pytest
 import torch
-from memcomp.trainers import common
+from memcomp.trainers import build, distributed
+from memcomp.trainers.config import DAPOConfig, TrainConfig, apply_overrides, option_keys
 from memcomp.trainers.cpt import main as cpt_main
+from memcomp.trainers.recipes import RECIPES, recipe
 from memcomp.trainers.sft import main as sft_main
 
 from memcomp.data import PHASE_1, PHASE_2, DataError, JsonlReader, SampleStream
+from memcomp.demo.data import prepare_demo_data
 from memcomp.tasks import SampleBuilder
 
-SMALL = ["steps=3", "samples_per_step=4", "save_every=0", "eval_every=0"]
+SMALL = ["optim.steps=3", "optim.samples_per_step=4", "run.save_every=0", "run.eval_every=0"]
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """The tiny recipe's data (corpus JSONL, synthetic QA, tokenizer), prepared once."""
     root = tmp_path_factory.mktemp("tiny")
-    common.prepare_tiny_data(common.apply_overrides(common.recipe("tiny_cpu", "cpt1"),
-                                                    [f"out_dir={json.dumps(str(root / 'cpt'))}"]))
+    prepare_demo_data(apply_overrides(recipe("tiny_cpu", "cpt1"), [f"run.out_dir={json.dumps(str(root / 'cpt'))}"]))
     return root
 
 
@@ -42,7 +44,7 @@ def _losses(out_dir):
 
 
 def _cpt(run, *extra):
-    assert cpt_main(["--recipe", "tiny_cpu", f"out_dir={json.dumps(str(run / 'cpt'))}", *SMALL, *extra]) == 0
+    assert cpt_main(["--recipe", "tiny_cpu", f"run.out_dir={json.dumps(str(run / 'cpt'))}", *SMALL, *extra]) == 0
     return _losses(run / "cpt")
 
 
@@ -56,11 +58,11 @@ def test_golden_loss_curve(data_root, tmp_path):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(data_root, tmp_path):
-    full = _cpt(_run_dir(data_root, tmp_path, "full"), "steps=4")
+    full = _cpt(_run_dir(data_root, tmp_path, "full"), "optim.steps=4")
     run = _run_dir(data_root, tmp_path, "resumed")
-    first = _cpt(run, "steps=4", "stop_after=2")
+    first = _cpt(run, "optim.steps=4", "run.stop_after=2")
     assert len(first) == 2 and os.path.isfile(run / "cpt" / "latest")
-    resumed = _cpt(run, "steps=4")
+    resumed = _cpt(run, "optim.steps=4")
     assert resumed[:2] == first and len(resumed) == 4
     assert resumed == pytest.approx(full, rel=1e-6, abs=1e-7)
 
@@ -69,15 +71,15 @@ def test_run_directory_tells_the_truth_across_restarts(data_root, tmp_path, caps
     """metrics.jsonl holds each step once: lines a killed invocation wrote after its last checkpoint are dropped
     on resume, a fresh start empties it; runs.jsonl records every invocation; a log file gets plain lines."""
     run = _run_dir(data_root, tmp_path)
-    _cpt(run, "steps=4", "stop_after=2")
+    _cpt(run, "optim.steps=4", "run.stop_after=2")
     metrics = run / "cpt" / "metrics.jsonl"
     with open(metrics, "a") as f:  # a step the killed invocation logged but never checkpointed, then a cut line
         f.write(json.dumps({"step": 3, "loss": 99.0}) + "\n" + '{"step": 4, "lo')
-    losses = _cpt(run, "steps=4")
+    losses = _cpt(run, "optim.steps=4")
     assert [json.loads(line)["step"] for line in open(metrics)] == [1, 2, 3, 4] and 99.0 not in losses
     runs = [json.loads(line) for line in open(run / "cpt" / "runs.jsonl")]
     assert [(r["resumed_from"], r["last_step"]) for r in runs] == [(0, 2), (2, 4)]
-    _cpt(run, "steps=4")  # finished: nothing trained, nothing appended, and it says so
+    _cpt(run, "optim.steps=4")  # finished: nothing trained, nothing appended, and it says so
     assert len(_losses(run / "cpt")) == 4
     err = capsys.readouterr().err
     assert "training already finished (4 steps" in err and "\r" not in err and "threads" in err
@@ -89,20 +91,41 @@ def test_trainer_help_lists_recipes_stages_and_options(capsys):
         with pytest.raises(SystemExit):
             main(["--help"])
         out = capsys.readouterr().out
-        assert "tiny_cpu,qwen2.5-7b,qwen2.5-32b" in out and stages in out
-        assert "samples_per_step=" in out and "threads=0" in out
+        assert "qwen2.5-7b,qwen2.5-32b,tiny_cpu" in out and stages in out
+        assert "optim.samples_per_step=" in out and "run.threads=0" in out and "fqlora.rank=64" in out
+        assert "rl.group_size" not in out  # the CPT / SFT trainers list their own options only
+
+
+def test_every_option_is_settable_dotted_or_by_its_unique_short_name():
+    cfg = recipe("tiny_cpu", "cpt1")
+    for key, value in option_keys(cfg).items():  # each option round-trips through key=value
+        raw = json.dumps(value)
+        assert option_keys(apply_overrides(cfg, [f"{key}={raw}"]))[key] == value, key
+    cfg = apply_overrides(cfg, ["optim.lr_full=1e-4", "compressor.chunk_size=8", "fqlora.rank=16", "steps=7"])
+    assert (cfg.optim.lr_full, cfg.compressor.chunk_size, cfg.fqlora.rank, cfg.optim.steps) == (1e-4, 8, 16, 7)
+    assert cfg.run == recipe("tiny_cpu", "cpt1").run  # the other sections untouched
+    with pytest.raises(ValueError, match=r"unknown option 'optim.stepz'; known: .*optim.steps"):
+        apply_overrides(cfg, ["optim.stepz=3"])
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        apply_overrides(cfg, ["compressor.chunk_size=0"])
+    with pytest.raises(ValueError, match="expects float"):
+        apply_overrides(cfg, ["optim.lr_full=fast"])
+    with pytest.raises(ValueError, match="has no stage 'dapo'"):
+        recipe("smollm2", "dapo")
+    assert set(RECIPES) >= {"tiny_cpu", "smollm2", "qwen2.5-7b", "qwen2.5-32b"}
+    assert isinstance(recipe("qwen2.5-7b", "sft"), TrainConfig) and isinstance(recipe("qwen2.5-7b", "dapo"), DAPOConfig)
 
 
 def test_activation_checkpointing_leaves_the_losses_unchanged(data_root, tmp_path):
     plain = _cpt(_run_dir(data_root, tmp_path, "plain"))
-    assert _cpt(_run_dir(data_root, tmp_path, "ckpt"), "activation_checkpointing=true") == pytest.approx(
+    assert _cpt(_run_dir(data_root, tmp_path, "ckpt"), "compressor.activation_checkpointing=true") == pytest.approx(
         plain, rel=1e-6, abs=1e-7)
-    assert common.recipe("qwen2.5-7b", "cpt1").activation_checkpointing
+    assert recipe("qwen2.5-7b", "cpt1").compressor.activation_checkpointing
 
 
 def test_a_crash_mid_write_never_looks_complete(data_root, tmp_path, monkeypatch):
     run = _run_dir(data_root, tmp_path)
-    _cpt(run, "steps=4", "stop_after=2")
+    _cpt(run, "optim.steps=4", "run.stop_after=2")
     real_save = torch.save
 
     def crash(obj, path, *a, **k):
@@ -111,21 +134,21 @@ def test_a_crash_mid_write_never_looks_complete(data_root, tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="simulated"):
-        _cpt(run, "steps=4", "stop_after=1")
+        _cpt(run, "optim.steps=4", "run.stop_after=1")
     monkeypatch.setattr(torch, "save", real_save)
     assert (run / "cpt" / "latest").read_text() == "ckpt-0000002"      # still the last complete one
     assert not (run / "cpt" / "ckpt-0000003").exists()
-    _cpt(run, "steps=4")                                                 # and it resumes from it
+    _cpt(run, "optim.steps=4")                                           # and it resumes from it
 
 
 def test_param_groups_receive_the_recipe_learning_rates(data_root, tmp_path):
     run = _run_dir(data_root, tmp_path)
-    cfg = common.apply_overrides(common.recipe("tiny_cpu", "cpt1"), [
-        f"out_dir={json.dumps(str(run / 'cpt'))}", "fqlora=true", "lora_rank=4", "lr_lora=1e-3", "lr_full=2e-4",
-        "lr_proj=5e-3", "warmup_ratio=0.5", "steps=4"])
-    cfg = common.prepare_tiny_data(cfg)
-    comp = common.build_compressor(cfg)
-    opt, sched = common.build_optimizer(cfg, comp)
+    cfg = apply_overrides(recipe("tiny_cpu", "cpt1"), [
+        f"run.out_dir={json.dumps(str(run / 'cpt'))}", "fqlora.enabled=true", "fqlora.rank=4", "optim.lr_lora=1e-3",
+        "optim.lr_full=2e-4", "optim.lr_proj=5e-3", "optim.warmup_ratio=0.5", "optim.steps=4"])
+    cfg = prepare_demo_data(cfg)
+    comp = build.build_compressor(cfg.compressor, cfg.fqlora, device="cpu", dtype="float32", seed=0)
+    opt, sched = build.build_optimizer(cfg.optim, comp)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert {k: by_name[k]["lr"] for k in by_name} == pytest.approx({"lora": 1e-3 / 2, "full": 2e-4 / 2,
                                                                      "projection": 5e-3 / 2})  # warm-up step 1 of 2
@@ -139,9 +162,11 @@ def test_param_groups_receive_the_recipe_learning_rates(data_root, tmp_path):
     # A parameter's actual update follows its group's learning rate (AdamW's first step moves by ~lr).
     p = comp.projection.weight
     before = p.detach().clone()
-    samples = [s for s in common.build_stream(cfg, comp).take(12) if s.task != "lm"]
+    samples = [s for s in build.build_stream(cfg.data, comp, stage="cpt1", seed=0).take(12) if s.task != "lm"]
     assert samples
-    comp(common.PackingCollator.from_compressor(comp, 4096)(samples)[0]).loss.backward()
+    from memcomp.packing import PackingCollator
+
+    comp(PackingCollator.from_compressor(comp, 4096)(samples)[0]).loss.backward()
     opt.step()
     step = (p.detach() - before).abs().max().item()
     assert 0.5 * by_name["projection"]["lr"] < step < 1.5 * by_name["projection"]["lr"]
@@ -149,13 +174,13 @@ def test_param_groups_receive_the_recipe_learning_rates(data_root, tmp_path):
 
 def test_sft_leaves_the_projection_bit_for_bit_unchanged(data_root, tmp_path):
     run = _run_dir(data_root, tmp_path)
-    _cpt(run, "steps=2")
+    _cpt(run, "optim.steps=2")
     from memcomp import MemoryCompressor
 
     cpt = MemoryCompressor.from_pretrained(run / "cpt" / "compressor")
-    assert sft_main(["--recipe", "tiny_cpu", f"out_dir={json.dumps(str(run / 'sft'))}",
-                     f"init_from={json.dumps(str(run / 'cpt' / 'compressor'))}", "steps=2", "samples_per_step=4",
-                     "save_every=0", "eval_every=0"]) == 0
+    assert sft_main(["--recipe", "tiny_cpu", f"run.out_dir={json.dumps(str(run / 'sft'))}",
+                     f"compressor.init_from={json.dumps(str(run / 'cpt' / 'compressor'))}", "optim.steps=2",
+                     "optim.samples_per_step=4", "run.save_every=0", "run.eval_every=0"]) == 0
     sft = MemoryCompressor.from_pretrained(run / "sft" / "compressor")
     assert torch.equal(sft.projection.weight, cpt.projection.weight)
     assert torch.equal(sft.projection.bias, cpt.projection.bias)
@@ -223,14 +248,14 @@ def test_bad_input_gives_clear_errors(data_root, tmp_path):
     with pytest.raises(ValueError, match="unknown option 'stepz'"):
         cpt_main(["--recipe", "tiny_cpu", "stepz=3"])
     with pytest.raises(ValueError, match="expects int"):
-        cpt_main(["--recipe", "tiny_cpu", "steps=many"])
+        cpt_main(["--recipe", "tiny_cpu", "optim.steps=many"])
     run = _run_dir(data_root, tmp_path)
     plain = tmp_path / "plain_model"
     plain.mkdir()
     with pytest.raises(FileNotFoundError, match="not a saved MemoryCompressor"):
-        _cpt(run, f"init_from={json.dumps(str(plain))}")
+        _cpt(run, f"compressor.init_from={json.dumps(str(plain))}")
     with pytest.raises(DataError, match="data file not found"):
-        _cpt(run, f"text_file={json.dumps(str(tmp_path / 'nope.jsonl'))}")
+        _cpt(run, f"data.text_file={json.dumps(str(tmp_path / 'nope.jsonl'))}")
 
 
 def _zero3(run, *extra, port_offset=0):
@@ -239,7 +264,7 @@ def _zero3(run, *extra, port_offset=0):
     env.pop("PYTHONPATH", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + port_offset + os.getpid() % 300), "-m", "memcomp.trainers.cpt", "--recipe", "tiny_cpu",
-           f"out_dir={json.dumps(str(run / 'cpt'))}", *SMALL, "deepspeed=true", *extra]
+           f"run.out_dir={json.dumps(str(run / 'cpt'))}", *SMALL, "run.deepspeed=true", *extra]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     useful = [ln for ln in out.stderr.splitlines() if "Warning" not in ln and "return func" not in ln]
     assert out.returncode == 0, "\n".join(useful[-60:])
@@ -249,9 +274,9 @@ def test_zero3_with_frozen_parameters_and_activation_checkpointing(data_root, tm
     """The 7B/32B recipes' combination at tiny scale: FQLoRA (frozen NF4 codes and norms in layers 1-2) with
     layers recomputed in backward, on two ZeRO-3 ranks, reproduces the single-process losses."""
     deepspeed = pytest.importorskip("deepspeed")
-    if not common.deepspeed_can_checkpoint(deepspeed.__version__):
+    if not distributed.deepspeed_can_checkpoint(deepspeed.__version__):
         pytest.skip(f"DeepSpeed {deepspeed.__version__} < 0.19.3 (the trainer refuses this combination there)")
-    extra = ("fqlora=true", "activation_checkpointing=true")
+    extra = ("fqlora.enabled=true", "compressor.activation_checkpointing=true")
     single = _cpt(_run_dir(data_root, tmp_path, "single"), *extra)
     run = _run_dir(data_root, tmp_path, "zero3")
     _zero3(run, *extra, port_offset=2)
@@ -264,7 +289,7 @@ def test_two_zero3_ranks_reproduce_the_single_process_run_and_resume(data_root, 
     pytest.importorskip("deepspeed")
     single = _cpt(_run_dir(data_root, tmp_path, "single"))
     run = _run_dir(data_root, tmp_path, "zero3")
-    _zero3(run, "stop_after=2", port_offset=0)               # killed after step 2, then resumed
+    _zero3(run, "run.stop_after=2", port_offset=0)               # killed after step 2, then resumed
     _zero3(run, port_offset=1)
     assert _losses(run / "cpt") == pytest.approx(single, rel=1e-5)
     # The gradient itself, not only the losses (AdamW hides a constant factor in the gradient): DeepSpeed
