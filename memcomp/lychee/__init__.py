@@ -12,9 +12,16 @@ is measured against (MemAgent over raw-text chunks, full context). Modules:
   streaming tokenizer ``token_windows``.
 - ``store_rss``: the streaming-memory measurement of a build (peak RSS per input length, in a child process), used
   by ``bench/bench_block_store.py``.
+- ``prompts``: every prompt template (reasoner update and final answer, MemAgent's, full context, the gate's
+  input), built as token ids.
+- ``gate``: ``Gate`` (LoRA factors held outside the model, added by forward hooks only inside
+  ``gate.active()``, plus a scoring head), ``train_gate`` / ``evaluate_gate`` (binary loss on labelled blocks,
+  threshold for a target recall chosen on validation, saved with the compressor's fingerprint).
+- ``reasoner``: ``LycheeReasoner`` (block selection by no gate, a question-only pre-filter or the sequential gate;
+  the working-memory loop batched across questions; answers, traces, citations and cost).
+- ``baselines``: ``MemAgent`` (the same loop over raw-text chunks) and ``FullContext``.
 
-The store uses torch, safetensors and tqdm, and the compressor (``memcomp.compressor``) with its fast tokenizer.
-Names are imported lazily, so importing one part does not pull in the others' dependencies.
+Generation goes only through ``memcomp.rl.engine.GenerationEngine`` (HF now, vLLM later). Names are imported lazily, so importing one part does not pull in the others' dependencies.
 """
 
 from __future__ import annotations
@@ -27,6 +34,13 @@ _LAZY = {
     "Block": "memcomp.lychee.store",
     "TokenWindow": "memcomp.lychee.store",
     "token_windows": "memcomp.lychee.store",
+    "Prompts": "memcomp.lychee.prompts",
+    **{name: "memcomp.lychee.reasoner" for name in ("LycheeReasoner", "ReasonerConfig", "GenerationSettings",
+                                                     "ReasonerResult", "Step", "Cost", "RunCost")},
+    **{name: "memcomp.lychee.gate" for name in ("Gate", "GateConfig", "GateTrainConfig", "GateExample", "train_gate",
+                                                 "evaluate_gate", "gate_examples_from_synthetic")},
+    **{name: "memcomp.lychee.baselines" for name in ("MemAgent", "MemAgentConfig", "FullContext",
+                                                      "FullContextConfig")},
 }
 
 __all__ = list(_LAZY)

@@ -1,9 +1,10 @@
 """Rollout engines: the interface the DAPO rollouts, the LycheeMemory reasoner and a vLLM engine share, and the
 first engine, Hugging Face ``generate`` on ``inputs_embeds``.
 
-A request is a memory (a ``Memory``, or its embeddings ``[n, d]``), a prompt (text or token ids) and an optional
-prefix; the decoder input is ``prefix + memory block + prompt``, laid out by
-``MemoryCompressor.build_decoder_inputs`` exactly as in training. ``generate(requests, options)`` returns ``n``
+A request is a memory (a ``Memory``, its embeddings ``[n, d]``, or None for a plain-text prompt: MemAgent's raw
+chunks, a full-context prompt, LycheeMemory's final answer), a prompt (text or token ids) and an optional prefix;
+the decoder input is ``prefix + memory block + prompt``, laid out by ``MemoryCompressor.build_decoder_inputs``
+exactly as in training (no memory block at all when the memory is None). ``generate(requests, options)`` returns ``n``
 results per request (``SamplingOptions.n``: DAPO's G responses per prompt), each with its token ids, text,
 finish reason and, when asked, the per-token log-probabilities the RL loss needs as ``old_logp``.
 
@@ -98,19 +99,21 @@ class SamplingOptions:
 @dataclass(frozen=True, eq=False)
 class GenerationRequest:
     """One prompt: ``memory`` (a ``Memory``, checked against the compressor's fingerprint, or embeddings
-    ``[n_chunks, d]`` floating point, e.g. read from a block store), ``prompt`` (text or token ids: the
-    compressor's ``tokenize`` rule) after the memory block, and an optional ``prefix`` before it (e.g. ChatML
-    system and user headers).
+    ``[n_chunks, d]`` floating point, e.g. read from a block store, or None: no memory block, the decoder reads
+    ``prefix + prompt`` as plain tokens), ``prompt`` (text or token ids: the compressor's ``tokenize`` rule) after
+    the memory block, and an optional ``prefix`` before it (e.g. ChatML system and user headers).
 
-    Raises ``TypeError`` for a memory that is neither, or a prompt / prefix that is not text or token ids,
+    Raises ``TypeError`` for a memory that is none of these, or a prompt / prefix that is not text or token ids,
     ``ValueError`` for embeddings that are not 2-D."""
 
-    memory: Union[Memory, torch.Tensor]
+    memory: Optional[Union[Memory, torch.Tensor]]
     prompt: TextOrIds
     prefix: Optional[TextOrIds] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.memory, torch.Tensor):
+        if self.memory is None:
+            pass
+        elif isinstance(self.memory, torch.Tensor):
             if self.memory.dim() != 2:
                 raise ValueError(f"GenerationRequest: memory embeddings must be [n_chunks, d], got shape "
                                  f"{tuple(self.memory.shape)}")
@@ -118,7 +121,7 @@ class GenerationRequest:
                 raise TypeError(f"GenerationRequest: memory embeddings must be floating point, got "
                                 f"{self.memory.dtype}")
         elif not isinstance(self.memory, Memory):
-            raise TypeError(f"GenerationRequest: memory must be a Memory or an [n, d] tensor, got "
+            raise TypeError(f"GenerationRequest: memory must be a Memory, an [n, d] tensor or None, got "
                             f"{type(self.memory).__name__}")
         for name, v in (("prompt", self.prompt), ("prefix", self.prefix)):
             if v is None and name == "prefix":
@@ -232,9 +235,11 @@ class HFEngine(GenerationEngine):
         self.compressor = compressor
         self.max_batch_size = max_batch_size
 
-    def _check_memory(self, i: int, m: Union[Memory, torch.Tensor]) -> None:
+    def _check_memory(self, i: int, m: Optional[Union[Memory, torch.Tensor]]) -> None:
         comp = self.compressor
         try:
+            if m is None:
+                return
             if isinstance(m, Memory):
                 comp.check_memory(m)
             elif m.shape[1] != comp.hidden_size:
@@ -308,7 +313,10 @@ class HFEngine(GenerationEngine):
                        return_logprobs: bool) -> list[GenerationResult]:
         comp = self.compressor
         has_prefix = any(r.prefix is not None for r in reqs)
-        batch = comp.build_decoder_inputs([r.memory for r in reqs], [r.prompt for r in reqs], padding_side="left",
+        # No memory: zero embeddings, for which build_decoder_inputs lays out no memory block (no MEM tokens).
+        none = torch.empty(0, comp.hidden_size, device=comp.device, dtype=comp.dtype)
+        memories = [r.memory if r.memory is not None else none for r in reqs]
+        batch = comp.build_decoder_inputs(memories, [r.prompt for r in reqs], padding_side="left",
                                           prefixes=[r.prefix if r.prefix is not None else [] for r in reqs]
                                           if has_prefix else None)
         recorder = _LogProbRecorder() if return_logprobs else None

@@ -61,6 +61,21 @@ def test_greedy_equals_compressor_generate(setup):
         assert o[0].token_ids == ids[0].tolist()
 
 
+def test_plain_text_requests_without_memory(setup):
+    """memory=None: the decoder reads prefix + prompt as plain tokens (MemAgent's raw chunks, full context),
+    batched with memory requests; greedy output equals HF generate from the token ids themselves."""
+    comp, mems, reqs = setup
+    prefix = "<|im_start|>user\n"
+    plain = [GenerationRequest(None, PROMPTS[1]), GenerationRequest(None, PROMPTS[0], prefix=prefix)]
+    out = HFEngine(comp).generate(plain + reqs[:1], SamplingOptions(temperature=0, max_new_tokens=6))
+    for req, o in zip(plain, out):
+        ids = torch.cat([comp.tokenize(req.prefix or []), comp.tokenize(req.prompt)])[None]
+        ref = comp.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=6, pad_token_id=comp.tokenizer.pad_token_id)
+        assert o[0].token_ids == ref[0, ids.shape[1]:].tolist()
+    assert out[2][0].text == comp.generate(mems[:1], PROMPTS[:1], max_new_tokens=6)[0]  # the memory row unchanged
+
+
 def test_n_samples_per_request_seeded(setup):
     comp, _, reqs = setup
     engine = HFEngine(comp)
@@ -208,7 +223,7 @@ def test_bad_input_is_refused(setup, make_compressor):
         GenerationRequest(torch.zeros(48), "Go")
     with pytest.raises(TypeError, match="floating point"):
         GenerationRequest(torch.zeros(2, 48, dtype=torch.long), "Go")
-    with pytest.raises(TypeError, match="Memory or"):
+    with pytest.raises(TypeError, match="Memory, an"):
         GenerationRequest("text", "Go")
     with pytest.raises(TypeError, match="prompt"):
         GenerationRequest(mems[0], 3)
