@@ -7,8 +7,15 @@ transformers) stays light.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 __version__ = "0.1.0"
+
+# memcomp.kernels and memcomp.trainers live in the checkout's kernels/ and trainers/ folders, not inside memcomp/.
+# Python started in the checkout imports this package from ./memcomp (the working directory comes first on
+# sys.path), where they are missing; the install (scripts/setup.sh: a tree of links on sys.path) has them.
+# extend_path adds every other `memcomp` folder on sys.path to this package's search path, so they resolve there.
+__path__ = pkgutil.extend_path(__path__, __name__)
 
 _LAZY = {
     "CompressorConfig": "memcomp.config",

@@ -90,7 +90,7 @@ def test_the_install_covers_every_module_of_the_checkout():
 
     import memcomp
 
-    if os.path.realpath(os.path.dirname(memcomp.__file__)) != os.path.join(os.path.realpath(REPO), "memcomp"):
+    if os.path.realpath(memcomp.__file__) != os.path.join(os.path.realpath(REPO), "memcomp", "__init__.py"):
         pytest.skip("memcomp is not installed from this checkout")
     missing = []
     for folder, package in (("memcomp", "memcomp"), ("kernels", "memcomp.kernels"), ("trainers", "memcomp.trainers")):
@@ -171,5 +171,9 @@ def test_editable_install_imports_from_the_folder_holding_the_checkout(tmp_path)
     out = subprocess.run([python, "-c", "from memcomp import CompressorConfig; print(CompressorConfig().chunk_size)"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "16", out.stderr
+    # And from inside the checkout, where ./memcomp (without kernels/ and trainers/) comes first on sys.path.
+    out = subprocess.run([python, "-c", "import memcomp.fused, memcomp.trainers.cpt; print('ok')"], cwd=src,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     with open(os.path.join(REPO, "scripts", "setup.sh")) as f:
         assert "editable_mode=strict" in f.read(), "the test must install as scripts/setup.sh does"
