@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -202,6 +203,11 @@ def apply_fqlora(model: nn.Module, config: Optional[FQLoRAConfig] = None) -> nn.
             p.requires_grad_(True)
     model.fqlora_config = config
     model.fqlora_full_ft_layers = tuple(sorted(full))
+    if len(set(full)) == n:
+        warnings.warn(f"apply_fqlora: all {n} decoder layers are fully fine-tuned (full_ft_layers={tuple(sorted(full))}"
+                      "), so no layer gets NF4 + LoRA: this is plain full fine-tuning. Pass full_ft_layers= to "
+                      "choose the fully trained layers (the default picks ~36 %, first and last included, which is "
+                      "every layer of a model this small)", UserWarning, stacklevel=2)
     return model
 
 
@@ -471,7 +477,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
     lm, projection = _unwrap(model)
     mods = fqlora_modules(model)
     if not mods:
-        raise ValueError("export_peft: the model has no FQLoRA layers (apply_fqlora first)")
+        raise ValueError("export_peft: the model has no FQLoRA layers: apply_fqlora first -- or, if it was applied, "
+                         "every layer is fully fine-tuned (see fqlora_full_ft_layers) and there is no adapter to "
+                         "export; save the model with save_pretrained instead")
     settings = {(m.rank, float(m.alpha), float(m.dropout_p), m.use_rslora) for m in mods.values()}
     if len(settings) != 1:
         raise ValueError(f"export_peft: the FQLoRA layers differ in (r, alpha, dropout, use_rslora): "

@@ -50,6 +50,11 @@ class Memory:
             raise ValueError(f"Memory of {self.num_tokens} tokens in chunks of {self.chunk_size} needs "
                              f"{expected} embeddings, got {self.embeddings.shape[0]}")
 
+    def __repr__(self) -> str:
+        e = self.embeddings
+        return (f"Memory(embeddings=[{e.shape[0]}, {e.shape[1]}] {str(e.dtype).removeprefix('torch.')} on {e.device}, "
+                f"num_tokens={self.num_tokens}, chunk_size={self.chunk_size}, fingerprint={self.fingerprint!r})")
+
     @property
     def n_chunks(self) -> int:
         return self.embeddings.shape[0]

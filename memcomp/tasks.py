@@ -13,6 +13,7 @@ are uncompressed tokens placed right before the target, without labels.
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,19 @@ class Sample:
         return self.task != "lm"
 
 
+def _as_ids(task: str, name: str, ids: Any) -> list[int]:
+    """Samples hold token ids (a list of ints, or anything with ``tolist()`` such as a 1-D integer tensor). A str
+    (split into characters by list()) or floats would pass silently and fail far later, in the collator."""
+    if isinstance(ids, str):
+        raise TypeError(f"a {task} sample's {name} must be token ids (a list of ints), got a str; tokenize it "
+                        f"first, e.g. tokenizer(text, add_special_tokens=False)['input_ids']")
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    bad = next((v for v in ids if isinstance(v, bool) or not isinstance(v, numbers.Integral)), None)
+    if bad is not None:
+        raise TypeError(f"a {task} sample's {name} must be token ids (ints), got {type(bad).__name__} {bad!r}")
+    return ids
+
+
 class SampleBuilder:
     """Builds samples with one tokenizer, prompt format and chunk size (bridge chunks are chunk-sized)."""
 
@@ -113,6 +127,10 @@ class SampleBuilder:
         return before, after
 
     def _sample(self, task, context, instruction, target, bridge=(), **meta) -> Sample:
+        context, target, bridge = (_as_ids(task, name, ids) for name, ids in
+                                   (("context", context), ("target", target), ("bridge", bridge)))
+        if not isinstance(instruction, str):
+            raise TypeError(f"a {task} sample's instruction or question is a str, got {type(instruction).__name__}")
         if task != "lm" and not context:
             raise ValueError(f"a {task} sample needs a non-empty context (only plain LM samples have no memory)")
         if not target:
@@ -121,6 +139,8 @@ class SampleBuilder:
         return Sample(task, list(context), before, after + list(bridge), list(target) + self.end, meta)
 
     def _pick(self, task: str, rng: random.Random) -> str:
+        if not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random (e.g. random.Random(0)), got {type(rng).__name__}")
         return rng.choice(INSTRUCTIONS[task][: self.pool_size])
 
     # -- the tasks -------------------------------------------------------------------------------------
@@ -152,4 +172,7 @@ class SampleBuilder:
         return self._sample("qa", context, question, answer)
 
     def lm(self, text: Sequence[int]) -> Sample:
-        return Sample("lm", [], [], [], list(text), {})
+        text = _as_ids("lm", "text", text)
+        if not text:
+            raise ValueError("an lm sample needs a non-empty text")
+        return Sample("lm", [], [], [], text, {})

@@ -212,7 +212,8 @@ class HarnessConfig:
             if not _is_int(v) or v < 1:
                 raise ValueError(f"HarnessConfig.{name} must be an int >= 1, got {v!r}")
         if self.gate_mode not in ("prefilter", "sequential"):
-            raise ValueError(f"HarnessConfig.gate_mode must be 'prefilter' or 'sequential', got {self.gate_mode!r}")
+            raise ValueError(f"HarnessConfig.gate_mode must be 'prefilter' or 'sequential', got {self.gate_mode!r} "
+                             "(to read every block without a gate, pass gate=None)")
         if self.window is not None and (not _is_int(self.window) or self.window < 1):
             raise ValueError(f"HarnessConfig.window must be None or an int >= 1, got {self.window!r}")
 

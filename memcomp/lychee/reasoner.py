@@ -131,7 +131,8 @@ class ReasonerConfig:
             raise TypeError(f"ReasonerConfig.generation must be GenerationSettings, got "
                             f"{type(self.generation).__name__}")
         if self.gate_mode not in ("prefilter", "sequential"):
-            raise ValueError(f"ReasonerConfig.gate_mode must be 'prefilter' or 'sequential', got {self.gate_mode!r}")
+            raise ValueError(f"ReasonerConfig.gate_mode must be 'prefilter' or 'sequential', got {self.gate_mode!r} "
+                             "(to read every block without a gate, pass gate=None)")
         if self.gate_threshold is not None and (not isinstance(self.gate_threshold, numbers.Real)
                                                 or isinstance(self.gate_threshold, bool)
                                                 or not math.isfinite(self.gate_threshold)):

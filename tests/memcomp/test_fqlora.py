@@ -238,3 +238,17 @@ def test_apply_fqlora_keeps_the_models_train_or_eval_mode(base_tokenizer):
         model = tiny_model(base_tokenizer).train(training)
         apply_fqlora(model, FQLoRAConfig(rank=2, dropout=0.5, full_ft_layers=(0,)))
         assert {m.training for m in fqlora_modules(model).values()} == {training}
+
+
+def test_a_model_too_small_for_any_lora_layer_says_so(base_tokenizer, tmp_path):
+    """A newcomer's input: apply_fqlora on a 2-layer model made every layer full fine-tuning, silently, and then
+    export_peft said "apply_fqlora first"."""
+    from testutil import tiny_model
+
+    from memcomp.fqlora import apply_fqlora, export_peft
+
+    model = tiny_model(base_tokenizer, layers=2)
+    with pytest.warns(UserWarning, match="all 2 decoder layers are fully fine-tuned"):
+        apply_fqlora(model)
+    with pytest.raises(ValueError, match="every layer is fully fine-tuned"):
+        export_peft(model, tmp_path / "adapter")

@@ -348,3 +348,19 @@ def test_public_task_prompt_is_what_training_uses(comp):
     assert (sample.before, sample.after) == (before, after) and before
     with pytest.raises(ValueError, match="non-empty"):
         sb.prompt("")
+
+
+def test_samples_refuse_text_where_token_ids_belong(comp):
+    """A newcomer's input: a str document (list() split it into characters, and the collator failed much later
+    with "'<' not supported between instances of 'str' and 'int'"), a str answer, an int as the rng."""
+    sb = SampleBuilder(comp.tokenizer, "flat", chunk_size=4)
+    with pytest.raises(TypeError, match="got a str; tokenize it first"):
+        sb.reconstruction("def foo(): pass", random.Random(0))
+    with pytest.raises(TypeError, match="target must be token ids"):
+        sb.qa([5, 6, 7], "Who?", "foo")
+    with pytest.raises(TypeError, match=r"rng must be a random.Random"):
+        sb.reconstruction([5, 6, 7], 0)
+    with pytest.raises(TypeError, match="got float"):
+        sb.lm([5, 6.5])
+    sample = sb.qa(torch.tensor([5, 6, 7]), "Who?", torch.tensor([8]))  # 1-D integer tensors are token ids too
+    assert sample.context == [5, 6, 7] and sample.target[0] == 8
