@@ -1,4 +1,6 @@
-"""``memcomp`` command line: ``memcomp demo [--preset P] [key=value ...]``, ``memcomp info``."""
+"""``memcomp`` command line: ``memcomp demo [--preset P] [--stage cpt|sft|rl] [key=value ...]``, ``memcomp ask
+--input FILE --question Q``, ``memcomp eval --task T --systems S --lengths L``, ``memcomp bench ...``,
+``memcomp info``."""
 
 from __future__ import annotations
 
@@ -24,11 +26,14 @@ def _demo(args: argparse.Namespace) -> int:
     if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
         print("memcomp demo: device=cuda but CUDA is not available", file=sys.stderr)
         return 2
-    if args.stage == "sft" and not os.path.isdir(cfg.compressor.init_from):
-        print(f"memcomp demo --stage sft continues from the CPT demo: {cfg.compressor.init_from} not found; run "
-              "`memcomp demo` first (or pass init_from=...)", file=sys.stderr)
+    if args.stage in ("sft", "rl") and not os.path.isdir(cfg.compressor.init_from):
+        previous = {"sft": ("CPT", "memcomp demo"), "rl": ("SFT", "memcomp demo --stage sft")}[args.stage]
+        print(f"memcomp demo --stage {args.stage} continues from the {previous[0]} demo: {cfg.compressor.init_from} "
+              f"not found; run `{previous[1]}` first (or pass init_from=...)", file=sys.stderr)
         return 2
     s = run(args.preset, args.stage, args.overrides)
+    if args.stage == "rl":
+        return _print_rl(args, s)
     ev = s["eval"]
     now = ("" if s["steps_trained_now"] else ", already trained: evaluation only") + (
         f"; this run {s['invocation_seconds'] / 60:.1f} min")
@@ -56,6 +61,32 @@ def _demo(args: argparse.Namespace) -> int:
               f"{ev['answer_accuracy_difference']:+.3f}, 95 % interval [{lo:+.3f}, {hi:+.3f}]")
         print(f"  memory carries information (interval above 0): {verdict} ({ratios})")
     print(f"  wrote {s['out_dir']}/summary.json, loss.png, compressor/, metrics.jsonl, checkpoints")
+    return 0
+
+
+def _print_rl(args: argparse.Namespace, s: dict) -> int:
+    ev = s["eval"]
+    now = ("" if s["steps_trained_now"] else ", already trained: evaluation only") + (
+        f"; this run {s['invocation_seconds'] / 60:.1f} min")
+    print(f"\nmemcomp demo, rl ({args.preset}, DAPO from the SFT demo, {s['compression']} compression, "
+          f"{s['parameters'] / 1e6:.1f}M params, trained {s['train_seconds'] / 60:.1f} min, "
+          f"evaluated {s['eval_seconds'] / 60:.1f} min{now})")
+    print(f"  train questions (sampled rollouts): accuracy {s['train_accuracy_first']:.3f} over the first 5 steps, "
+          f"{s['train_accuracy_last']:.3f} over the last 5; kept groups {s['kept_fraction_mean']:.2f}")
+    print("  held-out answer accuracy         right memory            control (another passage's memory)")
+    for name, label in (("sft", "after SFT"), ("rl", "after RL")):
+        m = ev[name]
+        lo, hi = m["memory_answer_accuracy_ci95"]
+        clo, chi = m["control_answer_accuracy_ci95"]
+        print(f"  {label:<32}{m['memory_answer_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]   "
+              f"{m['control_answer_accuracy']:.3f} [{clo:.3f}, {chi:.3f}]")
+    lo, hi = ev["rl_minus_sft_ci95"]
+    verdict = "yes" if s["rl_above_sft"] else "NO"
+    print(f"  {ev['sft']['questions']} questions on {ev['sft']['passages']} passages; RL minus SFT "
+          f"{ev['rl_minus_sft']:+.3f}, 95 % interval [{lo:+.3f}, {hi:+.3f}], "
+          f"{ev['rl_minus_sft_z']:.1f} standard errors")
+    print(f"  RL above SFT by more than two standard errors: {verdict}")
+    print(f"  wrote {s['out_dir']}/summary.json, reward.png, compressor/, metrics.jsonl, checkpoints")
     return 0
 
 
@@ -101,6 +132,147 @@ def _bench_ttft(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# memcomp ask / memcomp eval (LycheeMemory)
+# --------------------------------------------------------------------------------------------------
+
+def _lychee_options(p: argparse.ArgumentParser) -> None:
+    """Options ``ask`` and ``eval`` share: the model, compressor and gate, and the generation settings."""
+    p.add_argument("--compressor", default=None, help="a saved MemoryCompressor folder (save_pretrained); without "
+                   "it, --model is wrapped as an untrained compressor (its memory carries little: for cost only)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model to wrap when no --compressor is given: a "
+                   "registered name, a Hugging Face folder or a GGUF file (default smollm2-135m-instruct)")
+    p.add_argument("--gate", default=None, help="a gate folder saved by python -m memcomp.trainers.gate for this "
+                   "compressor")
+    p.add_argument("--gate-mode", default="sequential", choices=("sequential", "prefilter"))
+    p.add_argument("--block-tokens", type=int, default=4096, help="tokens per memory block (default 4096)")
+    p.add_argument("--memory-tokens", type=int, default=1024, help="working-memory cap (default 1024)")
+    p.add_argument("--answer-tokens", type=int, default=1024, help="final answer limit (default 1024)")
+    p.add_argument("--question-tokens", type=int, default=1024, help="longest question accepted (default 1024)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; MemAgent's eval: 0.7")
+    p.add_argument("--top-p", type=float, default=1.0, help="default 1.0; MemAgent's eval: 0.95")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _lychee_setup(args: argparse.Namespace, who: str):
+    """(compressor, engine, gate or None, GenerationSettings) from the shared options. Raises what loading raises."""
+    import torch
+
+    from memcomp.lychee.reasoner import GenerationSettings
+    from memcomp.rl.engine import HFEngine
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available")
+    settings = GenerationSettings(memory_tokens=args.memory_tokens, answer_tokens=args.answer_tokens,
+                                  question_tokens=args.question_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed)
+    from memcomp import CompressorConfig, MemoryCompressor
+
+    if args.compressor is not None:
+        if not os.path.isdir(args.compressor):
+            raise FileNotFoundError(f"--compressor {args.compressor}: no such folder")
+        compressor = MemoryCompressor.from_pretrained(args.compressor, device=device)
+    else:
+        from memcomp.models import load_pretrained
+
+        print(f"{who}: no --compressor: wrapping {args.model} as an untrained compressor (answers from its memory "
+              "mean little; train one with python -m memcomp.trainers.cpt)", file=sys.stderr)
+        model, tok = load_pretrained(args.model, device=device)
+        compressor = MemoryCompressor.from_base(model, tok, CompressorConfig(chunk_size=4))
+    gate = None
+    if args.gate is not None:
+        from memcomp.lychee.gate import Gate
+
+        gate = Gate.load(args.gate, compressor)  # MemoryMismatchError for a gate of another compressor
+    return compressor, HFEngine(compressor), gate, settings
+
+
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from memcomp.memory import MemoryFileError, MemoryMismatchError
+
+    return _USER_ERRORS + (MemoryFileError, MemoryMismatchError)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from memcomp.lychee.harness import ask
+
+    try:
+        if not os.path.isfile(args.input):  # checked before the model loads
+            raise FileNotFoundError(f"input file {args.input} not found")
+        if os.path.getsize(args.input) == 0:
+            raise ValueError(f"input file {args.input} is empty")
+        compressor, engine, gate, settings = _lychee_setup(args, "memcomp ask")
+        out = ask(compressor, engine, args.input, args.question, gate=gate, settings=settings,
+                  block_tokens=args.block_tokens, gate_mode=args.gate_mode, store_dir=args.store,
+                  cache_dir=args.cache_dir, progress=False if args.no_progress else None)
+    except _user_errors() as exc:
+        print(f"memcomp ask: {exc}", file=sys.stderr)
+        return 2
+    r, store = out.result, out.store
+    how = "reused (nothing encoded)" if out.store_reused else "built"
+    print(f"block store: {store.directory} ({len(store)} blocks of up to {store.block_tokens} tokens, "
+          f"{how} in {out.store_seconds:.1f} s)")
+    print(f"answer: {r.answer}")
+    gated = "gate " + args.gate_mode if gate is not None else "no gate: every block"
+    print(f"blocks read: {len(r.steps)} of {len(store)} ({gated})")
+    for block, score, text in out.cited:
+        s = f"score {score:.3f}" if score is not None else "no score"
+        print(f"  [{block}] {s}  {text}")
+    c = r.cost
+    print(f"cost: {r.run.wall_seconds:.1f} s, {c.positions_prefilled} positions prefilled, {c.gate_positions} gate "
+          f"positions, {c.tokens_generated} tokens generated, peak memory {r.run.peak_memory_bytes / 2**20:.0f} MB "
+          f"({r.run.peak_memory_kind})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from memcomp.lychee.harness import HarnessConfig, format_table, load_items, ratios, run_eval, write_report
+    from memcomp.ttft import parse_lengths
+
+    try:
+        systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+        lengths = parse_lengths(args.lengths)
+        depths = tuple(float(d) for d in args.depths.split(",") if d.strip())
+        if args.task != "synthetic" and args.data is None:
+            raise ValueError(f"--task {args.task} needs --data (a HotpotQA dev-distractor JSON for ruler-hqa, a "
+                             "haystack file or folder for niah); nothing is downloaded")
+        if args.data is not None and not os.path.exists(args.data):
+            raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+        compressor, engine, gate, settings = _lychee_setup(args, "memcomp eval")
+        cfg = HarnessConfig(systems=systems, generation=settings, block_tokens=args.block_tokens,
+                            chunk_tokens=args.chunk_tokens, gate_mode=args.gate_mode, batch_size=args.batch_size,
+                            store_dir=args.store_dir)
+        items = load_items(args.task, compressor.tokenizer, lengths, data=args.data,
+                           num_questions=args.num_questions, depths=depths, hops=args.hops, seed=args.data_seed)
+        report = run_eval(compressor, engine, items, cfg, gate=gate, progress=False if args.no_progress else None,
+                          task=args.task)
+    except _user_errors() as exc:
+        print(f"memcomp eval: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(report))
+    ours = "lychee" if "lychee" in systems else "lychee-nogate"
+    for row in ratios(report, ours, "memagent"):
+        peak = "n/a" if row["peak_memory_ratio"] is None else f"{row['peak_memory_ratio']:.2f}x"
+        print(f"length {row['length']}, MemAgent / {ours}: time per question {row['speedup']:.2f}x, positions "
+              f"prefilled {row['prefill_ratio']:.2f}x, peak memory {peak} (above 1: {ours} costs less)")
+    for kind, path in write_report(report, args.out).items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from memcomp.serving.service import main as serve_main
+
+    return serve_main(args.args)
+
+
 def _info(_: argparse.Namespace) -> int:
     import platform
 
@@ -127,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a tiny compressor on CPU and show that memory carries the text")
     demo.add_argument("--preset", default="tiny", help="tiny (default, ~10 min on 2 cores), smollm2 (the real "
                       "SmolLM2-135M-Instruct, one GPU, under 10 min), small (GPU), smoke")
-    demo.add_argument("--stage", default="cpt", choices=("cpt", "sft"),
-                      help="cpt (default): CPT + reconstruction eval; sft: continue with SFT on synthetic QA")
+    demo.add_argument("--stage", default="cpt", choices=("cpt", "sft", "rl"),
+                      help="cpt (default): CPT + reconstruction eval; sft: continue with SFT on synthetic QA; rl: "
+                      "continue with DAPO on the same QA, held-out accuracy after RL vs after SFT")
     demo.add_argument("overrides", nargs="*", help="key=value: any trainer option (steps=2000, device=cuda, "
-                      "out_dir=...), eval_passages=N (cpt) or eval_questions=N (sft, 0 = all)")
+                      "out_dir=...), eval_passages=N (cpt) or eval_questions=N (sft, rl; 0 = all)")
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="benchmarks outside pytest")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -151,8 +324,43 @@ def main(argv: list[str] | None = None) -> int:
     ttft.add_argument("--out", default=os.path.join("runs", "ttft"),
                       help="folder for the JSON, Markdown table and PNG (default runs/ttft under the current folder)")
     ttft.set_defaults(func=_bench_ttft)
+    ask_p = sub.add_parser("ask", help="answer a question about a long text file with LycheeMemory",
+                           description="Answer a question about a long text file with LycheeMemory: the file is "
+                           "encoded once into a block store (next to it, in <input>.memcomp/, or under --cache-dir / "
+                           "$MEMCOMP_STORE_CACHE) and reused by every later question with the same compressor.")
+    ask_p.add_argument("--input", required=True, help="the text file (UTF-8)")
+    ask_p.add_argument("--question", required=True)
+    ask_p.add_argument("--store", default=None, help="block store folder (default: keyed by input and compressor)")
+    ask_p.add_argument("--cache-dir", default=None, help="folder for block stores instead of next to the input")
+    _lychee_options(ask_p)
+    ask_p.set_defaults(func=_ask)
+    ev = sub.add_parser("eval", help="LycheeMemory, MemAgent and full context side by side on a benchmark")
+    ev.add_argument("--task", required=True, choices=("synthetic", "ruler-hqa", "niah"))
+    ev.add_argument("--systems", default="lychee,lychee-nogate,memagent,full",
+                    help="comma-separated subset of lychee,lychee-nogate,memagent,full (lychee needs --gate)")
+    ev.add_argument("--lengths", required=True, help="tokens (synthetic, niah; 4k = 4096) or documents per question "
+                    "(ruler-hqa: 50,100,...,12800)")
+    ev.add_argument("--data", default=None, help="ruler-hqa: HotpotQA dev-distractor JSON; niah: haystack file or "
+                    "folder; synthetic: optional text file of distractor paragraphs (default: stdlib docstrings)")
+    ev.add_argument("--num-questions", type=int, default=8, help="questions per length (not niah; default 8)")
+    ev.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah needle depths in [0, 1]")
+    ev.add_argument("--hops", type=int, default=2, choices=(1, 2), help="synthetic task hops (default 2)")
+    ev.add_argument("--data-seed", type=int, default=0, help="synthetic task seed (default 0)")
+    ev.add_argument("--chunk-tokens", type=int, default=5000, help="MemAgent chunk size (default 5000)")
+    ev.add_argument("--batch-size", type=int, default=1, help="questions per call (default 1)")
+    ev.add_argument("--store-dir", default=None, help="keep block stores here for reuse (default: temporary)")
+    ev.add_argument("--out", default=os.path.join("runs", "eval"), help="folder for eval.json, eval.md, eval.png")
+    _lychee_options(ev)
+    ev.set_defaults(func=_eval)
+    serve = sub.add_parser("serve", add_help=False, help="HTTP service: encode documents into memories and "
+                           "generate from them (vLLM; `memcomp serve --help` for its options)")
+    serve.add_argument("args", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=_serve)
     info = sub.add_parser("info", help="versions, devices, backend")
     info.set_defaults(func=_info)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # its own parser takes every option, --help included (REMAINDER cannot start with one)
+        return _serve(argparse.Namespace(args=argv[1:]))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -203,6 +203,9 @@ def train(cfg: DAPOConfig) -> dict[str, Any]:
     policy = MemoryPolicy(comp)
     updates = rl.prompts_per_step // rl.mini_batch_prompts
     opt, sched = build_optimizer(dataclasses.replace(optim, steps=optim.steps * updates), comp)
+    # Before DeepSpeed: the collator reads the vocabulary size off the embedding, which ZeRO-3 partitions to
+    # shape [0] (every id then looked out of range).
+    collator = PackingCollator.from_compressor(comp, optim.max_tokens)
     engine = None
     if wants_deepspeed(run.deepspeed):
         engine = setup_deepspeed(policy, opt, sched, zero_stage=run.zero_stage, max_grad_norm=optim.max_grad_norm,
@@ -210,7 +213,6 @@ def train(cfg: DAPOConfig) -> dict[str, Any]:
                                  external_params=(comp.model.get_output_embeddings().weight,))[0]
     policy_model = engine if engine is not None else policy
     rank, world = rank_world()
-    collator = PackingCollator.from_compressor(comp, optim.max_tokens)
     builder = SampleBuilder(comp.tokenizer, cfg.data.prompt_format, boxed=rl.boxed, chunk_size=comp.config.chunk_size)
     stops = stop_token_ids(comp.tokenizer)
     rollout_engine = HFEngine(comp, max_batch_size=rl.engine_batch or None)

@@ -32,6 +32,16 @@ PRESETS: dict[str, list[str]] = {
     # The real SmolLM2-135M-Instruct (recipe smollm2): one GPU, under 10 minutes (the recipe's time_limit_min).
     "smollm2": [],
 }
+# The RL stage's additions to a preset (the trainer options of the dapo stage only). Smoke: tiny groups and
+# dynamic sampling off (a barely trained smoke model answers nothing right, so every group would be dropped).
+RL_PRESETS: dict[str, list[str]] = {
+    "smoke": ["rl.group_size=4", "rl.prompts_per_step=4", "rl.mini_batch_prompts=2", "rl.gen_prompts=4",
+              "rl.max_response_tokens=6",
+              "rl.overlong_buffer=2", "rl.dynamic_warmup_steps=6"],
+}
+STAGES = ("cpt", "sft", "rl")
+# Where each stage starts: the previous stage's compressor, next to this stage's out_dir.
+PREVIOUS_STAGE = {"sft": "cpt", "rl": "sft"}
 DEMO_OPTIONS = {"eval_passages": 64, "eval_questions": 0}  # eval_questions: 0 = every held-out question
 # Presets on another recipe than tiny_cpu (memcomp.trainers.recipes), with their overrides in PRESETS.
 PRESET_RECIPES = {"smollm2": "smollm2"}
@@ -41,16 +51,18 @@ CPU_TRAIN_TOKENS_PER_S = {"smollm2": 50.0}
 
 
 def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = None):
-    """-> (trainer config, demo options). ``overrides``: key=value for any trainer option (dotted, or its short
-    name where unique: ``steps=2000`` is ``optim.steps=2000``) or demo option. Raises ``ValueError`` for an unknown
-    preset, stage or key."""
+    """-> (trainer config, demo options). ``stage``: cpt (recipe stage cpt1), sft, or rl (the dapo stage), each
+    but cpt continuing from the previous stage's ``compressor/`` beside its ``out_dir`` unless ``init_from=`` is
+    given. ``overrides``: key=value for any trainer option (dotted, or its short name where unique:
+    ``steps=2000`` is ``optim.steps=2000``) or demo option. Raises ``ValueError`` for an unknown preset, stage or
+    key, or a preset whose recipe has no such stage (smollm2 has no rl)."""
     from memcomp.trainers.config import apply_overrides
     from memcomp.trainers.recipes import recipe
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if stage not in ("cpt", "sft"):
-        raise ValueError(f"unknown demo stage {stage!r}; choose cpt or sft")
+    if stage not in STAGES:
+        raise ValueError(f"unknown demo stage {stage!r}; choose {', '.join(STAGES)}")
     options = dict(DEMO_OPTIONS)
     rest = []
     for item in overrides or []:
@@ -61,11 +73,11 @@ def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] |
             rest.append(item)
     if preset == "smoke":
         options["eval_passages"], options["eval_questions"] = 4, 6
-    cfg = recipe(PRESET_RECIPES.get(preset, "tiny_cpu"), "cpt1" if stage == "cpt" else "sft")
-    cfg = apply_overrides(cfg, PRESETS[preset] + rest)
-    if stage == "sft" and not cfg.compressor.init_from:
-        cfg = dataclasses.replace(cfg, compressor=dataclasses.replace(
-            cfg.compressor, init_from=os.path.join(os.path.dirname(cfg.run.out_dir), "cpt", "compressor")))
+    cfg = recipe(PRESET_RECIPES.get(preset, "tiny_cpu"), {"cpt": "cpt1", "sft": "sft", "rl": "dapo"}[stage])
+    cfg = apply_overrides(cfg, PRESETS[preset] + (RL_PRESETS.get(preset, []) if stage == "rl" else []) + rest)
+    if stage in PREVIOUS_STAGE and not cfg.compressor.init_from:
+        cfg = dataclasses.replace(cfg, compressor=dataclasses.replace(cfg.compressor, init_from=os.path.join(
+            os.path.dirname(cfg.run.out_dir), PREVIOUS_STAGE[stage], "compressor")))
     return cfg, options
 
 
@@ -139,12 +151,18 @@ def evaluate_reconstruction(comp, cfg, n: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_qa(comp, cfg, n: int = 0) -> dict[str, float]:
-    """Held-out synthetic QA (``n`` questions, 0 = all): the exact answer from the right memory vs from another
-    passage's memory (the control: the next passage's, never the same passage's), on the same questions with
-    the same greedy decoding. Reports both accuracies with Wilson 95 % intervals and the paired difference
-    with its 95 % interval (normal approximation over per-question differences)."""
+def qa_hits(comp, cfg, n: int = 0, encoder=None) -> dict[str, Any]:
+    """Per-question results behind ``evaluate_qa``: ``{"records", "passages", "memory", "control"}``, the last two
+    lists of bools (the first word of the greedy answer equals the gold answer verbatim), one per held-out
+    question (``n`` of them, 0 = all, in file order).
+
+    ``comp`` decodes; ``encoder`` (default ``comp``) encodes the passages into memory. The RL stage passes the SFT
+    compressor as ``encoder``: DAPO trains the decoder on memories the SFT encoder made once (its memory bank), and
+    encoder and decoder share weights, so re-encoding with the RL weights would evaluate another setting than the
+    one trained. The control reads the next passage's memory (never the same passage's). Raises
+    ``RuntimeError`` when the questions come from fewer than two passages."""
     tok = comp.tokenizer
+    encoder = encoder if encoder is not None else comp
     sb = SampleBuilder(tok, cfg.data.prompt_format, chunk_size=comp.config.chunk_size)
     recs = _records(cfg.data.val_qa_file)
     recs = recs[:n] if n else recs
@@ -153,10 +171,10 @@ def evaluate_qa(comp, cfg, n: int = 0) -> dict[str, float]:
         raise RuntimeError(f"{cfg.data.val_qa_file}: the control needs questions from at least two passages")
     other = {c: contexts[(i + 1) % len(contexts)] for i, c in enumerate(contexts)}
     ids = {c: tok(c, add_special_tokens=False)["input_ids"][: cfg.data.doc_tokens] for c in contexts}
-    encoded = dict(zip(contexts, comp.encode_chunks([torch.tensor(ids[c]) for c in contexts])))
+    encoded = dict(zip(contexts, encoder.encode_chunks([torch.tensor(ids[c]) for c in contexts])))
     samples = [sb.qa(ids[r["context"]], r["question"], tok(r["answer"], add_special_tokens=False)["input_ids"])
                for r in recs]
-    hits = {}
+    hits: dict[str, Any] = {"records": recs, "passages": len(contexts)}
     for name, pick in (("memory", lambda c: c), ("control", lambda c: other[c])):
         hits[name] = []
         for b0 in range(0, len(recs), 32):
@@ -166,8 +184,13 @@ def evaluate_qa(comp, cfg, n: int = 0) -> dict[str, float]:
                                 prefixes=[s.before for s in samples[b0:b0 + 32]], max_new_tokens=6)
             # The tiny tokenizer spells ChatML's end marker as text: cut the answer there.
             hits[name] += [o.split("<|im_end")[0].strip().split()[:1] == [r["answer"]] for o, r in zip(out, batch)]
-    result: dict[str, float] = {"questions": len(recs), "passages": len(contexts)}
-    for name, h in hits.items():
+    return hits
+
+
+def _qa_metrics(hits: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {"questions": len(hits["records"]), "passages": hits["passages"]}
+    for name in ("memory", "control"):
+        h = hits[name]
         k = sum(h)
         result[f"{name}_answer_accuracy"] = k / len(h)
         result[f"{name}_answer_accuracy_ci95"] = wilson_interval(k, len(h))
@@ -175,6 +198,32 @@ def evaluate_qa(comp, cfg, n: int = 0) -> dict[str, float]:
     result["answer_accuracy_difference"] = sum(diff) / len(diff)
     result["answer_accuracy_difference_ci95"] = mean_interval(diff)
     return result
+
+
+def evaluate_qa(comp, cfg, n: int = 0, encoder=None) -> dict[str, Any]:
+    """Held-out synthetic QA (``n`` questions, 0 = all): the exact answer from the right memory vs from another
+    passage's memory (the control: the next passage's, never the same passage's), on the same questions with
+    the same greedy decoding. Reports both accuracies with Wilson 95 % intervals and the paired difference
+    with its 95 % interval (normal approximation over per-question differences). ``encoder``: see ``qa_hits``."""
+    return _qa_metrics(qa_hits(comp, cfg, n, encoder))
+
+
+def compare_qa(sft, rl, cfg, n: int = 0) -> dict[str, Any]:
+    """The RL demo's verdict: held-out answer accuracy of the RL decoder against the SFT decoder it started from,
+    on the same ``n`` questions (0 = all), the same memories (encoded once by ``sft``) and the same greedy
+    decoding. -> ``{"sft": evaluate_qa metrics, "rl": ..., "rl_minus_sft", "rl_minus_sft_ci95",
+    "rl_minus_sft_se", "rl_minus_sft_z"}``: the paired per-question difference of the right-memory hits (mean,
+    95 % interval, standard error, mean / standard error; a z of 0 when every question agrees). Raises
+    ``RuntimeError`` as ``qa_hits``."""
+    before = qa_hits(sft, cfg, n)
+    after = qa_hits(rl, cfg, n, encoder=sft)
+    diff = [int(a) - int(b) for a, b in zip(after["memory"], before["memory"])]
+    mean = sum(diff) / len(diff)
+    lo, hi = mean_interval(diff)
+    se = (hi - lo) / (2 * 1.96)
+    return {"sft": _qa_metrics(before), "rl": _qa_metrics(after), "rl_minus_sft": mean,
+            "rl_minus_sft_ci95": (lo, hi), "rl_minus_sft_se": se, "rl_minus_sft_z": mean / se if se > 0 else 0.0,
+            "questions_changed": {"wrong_to_right": diff.count(1), "right_to_wrong": diff.count(-1)}}
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -254,11 +303,91 @@ def cpu_refusal(preset: str, cfg) -> str | None:
             "preset) is the CPU demo")
 
 
+def plot_rl_history(history: list[dict[str, Any]], path: str) -> bool:
+    """Reward mean and sampled accuracy on the train questions, per DAPO step; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not history:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in history]
+    ax.plot(steps, [r["accuracy"] for r in history], "o-", ms=3, label="train questions: accuracy of the rollouts")
+    ax.plot(steps, [r["reward_mean"] for r in history], alpha=0.6, label="reward mean (after overlong shaping)")
+    ax.plot(steps, [r["kept_fraction"] for r in history], ":", label="kept-group fraction (dynamic sampling)")
+    ax.set_xlabel("DAPO step")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("memcomp demo (rl): DAPO on answers from memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_rl(preset: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
+    """The RL stage: the recipe's dapo stage (``memcomp.trainers.dapo``) from the SFT demo's compressor on the
+    train split's questions, then held-out answer accuracy after RL against after SFT (``compare_qa``: same
+    questions, same memories, same greedy decoding), each against the wrong-memory control. Writes
+    ``summary.json`` and ``reward.png`` to the run's ``out_dir``. Raises ``FileNotFoundError`` without the SFT
+    compressor, ``RuntimeError`` when the held-out memories would come from another encoder than the train ones."""
+    from memcomp.trainers.build import build_compressor
+    from memcomp.trainers.dapo import train as dapo_train
+    from memcomp.trainers.recipes import prepare
+
+    t0 = time.time()
+    cfg, options = make_config(preset, "rl", overrides)
+    if not os.path.isdir(cfg.compressor.init_from):
+        raise FileNotFoundError(f"the RL stage continues from the SFT demo: {cfg.compressor.init_from} not found; "
+                                "run `memcomp demo --stage sft` first (or pass init_from=...)")
+    result = dapo_train(cfg)
+    cfg = prepare(cfg)
+    rl = result.pop("compressor")
+    rl.eval()
+    # The SFT compressor as DAPO started from it: the decoder to compare against and the encoder of every memory.
+    sft = build_compressor(cfg.compressor, cfg.fqlora, device=str(rl.device), dtype=cfg.run.dtype, seed=cfg.run.seed)
+    sft.eval()
+    if sft.fingerprint() != result["bank"].fingerprint:
+        raise RuntimeError(f"{cfg.compressor.init_from} no longer encodes as the RL run's memory bank "
+                           f"({sft.fingerprint()} vs {result['bank'].fingerprint}): it changed after the RL run")
+    history = result["history"]
+    t_eval = time.time()
+    metrics = compare_qa(sft, rl, cfg, options["eval_questions"])
+    last = history[-min(5, len(history)):]
+    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows) if rows else float("nan")  # noqa: E731
+    summary = {
+        "stage": "rl", "preset": preset, "config": result["config"],
+        "parameters": sum(p.numel() for p in rl.parameters()), "compression": f"{rl.config.chunk_size}x",
+        "eval": metrics,
+        # The acceptance: after RL above after SFT by more than two standard errors of the paired difference.
+        "rl_above_sft": metrics["rl_minus_sft_z"] > 2.0,
+        "train_reward_first": mean("reward_mean", history[:5]), "train_reward_last": mean("reward_mean", last),
+        "train_accuracy_first": mean("accuracy", history[:5]), "train_accuracy_last": mean("accuracy", last),
+        "kept_fraction_mean": mean("kept_fraction", history),
+        "history": [{k: r[k] for k in ("step", "loss", "reward_mean", "accuracy", "kept_fraction", "gen_batches",
+                                       "response_length", "clip_fraction", "rollout_seconds", "update_seconds")}
+                    for r in history],
+        "train_seconds": result["train_seconds"], "steps_trained_now": result["steps_this_run"],
+        "eval_seconds": time.time() - t_eval, "invocation_seconds": time.time() - t0,
+    }
+    with open(os.path.join(cfg.run.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_rl_history(history, os.path.join(cfg.run.out_dir, "reward.png"))
+    summary["out_dir"] = cfg.run.out_dir
+    return summary
+
+
 def run(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate one demo preset; raises ``RuntimeError`` for a GPU-only preset on a CPU."""
     from memcomp.trainers.loop import train
     from memcomp.trainers.recipes import prepare
 
+    if stage == "rl":
+        return run_rl(preset, overrides)
     t0 = time.time()
     cfg, options = make_config(preset, stage, overrides)
     refusal = cpu_refusal(preset, cfg)

@@ -1,8 +1,10 @@
 """The main job's pieces and a smoke run of it (the full ~10-minute run is the README's command)."""
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from memcomp.cli import main
 from memcomp.demo.corpus import stdlib_passages
@@ -36,6 +38,13 @@ def test_config_rejects_unknown_keys_and_presets():
     sft, _ = make_config("tiny", "sft", ["out_dir=runs/x/sft"])
     assert sft.stage == "sft" and sft.compressor.freeze_projection
     assert sft.compressor.init_from == "runs/x/cpt/compressor"
+    rl, options = make_config("tiny", "rl", ["out_dir=runs/x/rl", "eval_questions=200", "rl.group_size=4"])
+    assert rl.stage == "dapo" and rl.compressor.init_from == "runs/x/sft/compressor"
+    assert rl.rl.group_size == 4 and options["eval_questions"] == 200
+    with pytest.raises(ValueError, match="unknown demo stage"):
+        make_config("tiny", "gate")
+    with pytest.raises(ValueError, match="recipe 'smollm2' has no stage 'dapo'"):
+        make_config("smollm2", "rl")
 
 
 def test_cli_rejects_bad_overrides(capsys):
@@ -43,7 +52,7 @@ def test_cli_rejects_bad_overrides(capsys):
     assert "unknown option" in capsys.readouterr().err
 
 
-def test_demo_smoke_end_to_end_cpt_then_sft(tmp_path, capsys):
+def test_demo_smoke_end_to_end_cpt_then_sft_then_rl(tmp_path, capsys):
     from memcomp import MemoryCompressor
 
     out = tmp_path / "demo"
@@ -73,3 +82,42 @@ def test_demo_smoke_end_to_end_cpt_then_sft(tmp_path, capsys):
     assert "already trained: evaluation only" in capsys.readouterr().out
     assert main(["demo", "--preset", "smoke", "--stage", "sft",
                  f"out_dir={json.dumps(str(tmp_path / 'nowhere' / 'sft'))}"]) == 2
+
+    # RL: DAPO from the SFT compressor; the after-SFT side of the comparison is the SFT stage's own evaluation
+    # (same questions, same memories, same greedy decoding).
+    assert main(["demo", "--preset", "smoke", "--stage", "rl", f"out_dir={json.dumps(str(out / 'rl'))}"]) == 0
+    rl = json.loads((out / "rl" / "summary.json").read_text())
+    assert rl["eval"]["sft"] == json.loads(json.dumps(ev))
+    assert rl["eval"]["rl"]["questions"] == 6 and len(rl["history"]) == 6 and rl["steps_trained_now"] == 6
+    lo, hi = rl["eval"]["rl_minus_sft_ci95"]
+    assert lo <= rl["eval"]["rl_minus_sft"] <= hi and isinstance(rl["rl_above_sft"], bool)
+    changed = rl["eval"]["questions_changed"]
+    assert rl["eval"]["rl_minus_sft"] == pytest.approx((changed["wrong_to_right"] - changed["right_to_wrong"]) / 6)
+    assert rl["eval"]["rl"]["memory_answer_accuracy"] - ev["memory_answer_accuracy"] == pytest.approx(
+        rl["eval"]["rl_minus_sft"])
+    sft_comp = MemoryCompressor.from_pretrained(out / "sft" / "compressor")
+    rl_comp = MemoryCompressor.from_pretrained(out / "rl" / "compressor")
+    assert torch.equal(rl_comp.projection.weight, sft_comp.projection.weight)  # DAPO trains the decoder only
+    decoder_moved = any(not torch.equal(a, b) for a, b in zip(rl_comp.model.parameters(), sft_comp.model.parameters()))
+    assert decoder_moved
+    assert "RL above SFT by more than two standard errors" in capsys.readouterr().out
+    assert main(["demo", "--preset", "smoke", "--stage", "rl",
+                 f"out_dir={json.dumps(str(tmp_path / 'nowhere' / 'rl'))}"]) == 2
+    assert "continues from the SFT demo" in capsys.readouterr().err
+
+
+def test_compare_qa_of_a_compressor_with_itself_is_a_zero_difference(tmp_path):
+    """The RL comparison's plumbing: one compressor as both SFT and RL gives identical accuracies and a paired
+    difference of exactly 0 (same questions, same memories, same decoding on both sides)."""
+    from memcomp.trainers.build import build_compressor
+    from memcomp.trainers.recipes import prepare
+
+    from memcomp.demo.run import compare_qa
+
+    cfg, _ = make_config("smoke", "sft", [f"out_dir={json.dumps(str(tmp_path / 'sft'))}"])
+    cfg = prepare(cfg)
+    comp = build_compressor(dataclasses.replace(cfg.compressor, init_from=""), cfg.fqlora, device="cpu",
+                            dtype="float32", seed=0).eval()
+    result = compare_qa(comp, comp, cfg, 6)
+    assert result["sft"] == result["rl"] and result["rl_minus_sft"] == 0.0 and result["rl_minus_sft_z"] == 0.0
+    assert result["questions_changed"] == {"wrong_to_right": 0, "right_to_wrong": 0}
