@@ -1,6 +1,12 @@
-"""``memcomp`` command line: ``memcomp demo [--preset P] [--stage cpt|sft|rl] [key=value ...]``, ``memcomp ask
---input FILE --question Q``, ``memcomp eval --task T --systems S --lengths L``, ``memcomp bench ...``,
-``memcomp info``."""
+"""memcomp command line.
+
+  memcomp demo [--preset P] [--stage cpt|sft|rl] [key=value ...]   the main job: train and show memory is read
+  memcomp ask --input FILE --question Q                             answer a question about a long document
+  memcomp eval --task T --systems S --lengths L                     LycheeMemory vs MemAgent vs full context
+  memcomp bench ttft                                                time to first token and peak memory
+  memcomp serve COMPRESSOR_DIR                                      HTTP service (vLLM)
+  memcomp info                                                      versions, devices, backend
+"""
 
 from __future__ import annotations
 
@@ -24,7 +30,9 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"memcomp demo: {refusal}", file=sys.stderr)
         return 2
     if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
-        print("memcomp demo: device=cuda but CUDA is not available", file=sys.stderr)
+        why = "" if any(o.startswith(("device=", "run.device=")) for o in args.overrides) else (
+            f" (the {args.preset!r} preset runs on a GPU; `memcomp demo` alone is the CPU demo)")
+        print(f"memcomp demo: device=cuda but CUDA is not available{why}", file=sys.stderr)
         return 2
     if args.stage in ("sft", "rl") and not os.path.isdir(cfg.compressor.init_from):
         previous = {"sft": ("CPT", "memcomp demo"), "rl": ("SFT", "memcomp demo --stage sft")}[args.stage]
@@ -60,7 +68,9 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  {ev['questions']} questions on {ev['passages']} passages; right minus control "
               f"{ev['answer_accuracy_difference']:+.3f}, 95 % interval [{lo:+.3f}, {hi:+.3f}]")
         print(f"  memory carries information (interval above 0): {verdict} ({ratios})")
-    print(f"  wrote {s['out_dir']}/summary.json, loss.png, compressor/, metrics.jsonl, checkpoints")
+    if args.preset == "smoke":
+        print("  (a smoke run is a few steps at toy sizes: it checks the pipeline, it is not expected to learn)")
+    print(f"  wrote {s['out_dir']}/summary.json, loss.png, compressor/, metrics.jsonl, runs.jsonl, checkpoints")
     return 0
 
 
@@ -286,14 +296,17 @@ def _info(_: argparse.Namespace) -> int:
     print(f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
     print(f"triton: {'installed' if triton_available() else 'missing'} (interpreter: {interpreter_enabled()})")
     print(f"backend: {current_backend()}")
-    print(f"transformers: {transformers_version_problem() or 'in the tested range'}")
+    import transformers
+
+    print(f"transformers: {transformers.__version__} ({transformers_version_problem() or 'in the tested range'})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from memcomp import __version__
 
-    parser = argparse.ArgumentParser(prog="memcomp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="memcomp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"memcomp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a tiny compressor on CPU and show that memory carries the text")

@@ -286,7 +286,11 @@ def resolve_key(cfg: Any, key: str) -> str:
         return matches[0]
     if len(matches) > 1:
         raise ValueError(f"option {key!r} is ambiguous: {', '.join(matches)}")
-    raise ValueError(f"unknown option {key!r}; known: {', '.join(sorted(keys))}")
+    import difflib
+
+    close = difflib.get_close_matches(key, [*keys, *{k.split(".", 1)[-1] for k in keys}], n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ValueError(f"unknown option {key!r}{hint} Known: {', '.join(sorted(keys))}")
 
 
 def _parse(key: str, raw: str, current: Any) -> Any:
@@ -317,14 +321,16 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()})
 
 
-def options_help(cfg_type: type) -> str:
-    """The ``key=value`` options of a config type with their types' defaults (a recipe sets many of them)."""
-    lines = ["options (section.key=value, or key=value where the key is unique; the recipe's values replace "
-             "these defaults):"]
+def options_help(cfg_type: type, cfg: Any = None, recipe_name: str = "") -> str:
+    """The ``key=value`` options of a config type: with ``cfg`` (a recipe's config), the values that recipe
+    runs with; else the types' defaults (a recipe sets many of them)."""
+    where = (f"the values of --recipe {recipe_name}" if cfg is not None
+             else "the defaults; the recipe's values replace them (add --recipe R to --help to see them)")
+    lines = [f"options (section.key=value, or key=value where the key is unique), with {where}:"]
     for f in dataclasses.fields(cfg_type):
         if f.default_factory is dataclasses.MISSING:
             continue
-        section = f.default_factory()
+        section = getattr(cfg, f.name) if cfg is not None else f.default_factory()
         lines.append(f"  {f.name}:")
         for g in dataclasses.fields(section):
             lines.append(f"    {f.name}.{g.name}={getattr(section, g.name)!r}".replace("'", ""))
@@ -340,8 +346,19 @@ def config_from_cli(prog: str, stages: tuple[str, ...], argv: list[str] | None =
 
     cfg_type = DAPOConfig if stages == ("dapo",) else TrainConfig
     names = [n for n, r in RECIPES.items() if set(stages) & set(r.stages)]
+    # With --recipe (and --stage) before --help, the help shows that recipe's values.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    pre.add_argument("--stage", default=stages[0])
+    known, _ = pre.parse_known_args(argv)
+    shown = None
+    if known.recipe in names and known.stage in stages:
+        try:
+            shown = recipe(known.recipe, known.stage)
+        except (ValueError, KeyError):
+            shown = None
     p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=options_help(cfg_type))
+                                epilog=options_help(cfg_type, shown, known.recipe or ""))
     p.add_argument("--recipe", default="tiny_cpu", choices=names, help="default tiny_cpu")
     p.add_argument("--stage", default=stages[0], choices=stages, help=f"default {stages[0]}")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher

@@ -77,3 +77,15 @@ def wants_deepspeed(deepspeed_flag: bool) -> bool:
     import os
 
     return deepspeed_flag and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def finish() -> None:
+    """End of a distributed run: every rank waits for the others (rank 0 may still be writing the compressor),
+    then the process group is shut down. A rank that exits while a peer is still inside gloo can abort the
+    process ("terminate called without an active exception", seen on a two-rank CPU run). No-op without
+    torch.distributed."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

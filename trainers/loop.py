@@ -179,6 +179,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     random.seed(run.seed)
     torch.manual_seed(run.seed)
     comp = build_compressor(cfg.compressor, cfg.fqlora, device=run.device, dtype=run.dtype, seed=run.seed)
+    n_params = sum(p.numel() for p in comp.parameters())  # counted before ZeRO-3 partitions them to shape [0]
     comp.train()
     stream = build_stream(cfg.data, comp, stage=cfg.stage, seed=run.seed)
     collator = PackingCollator.from_compressor(comp, optim.max_tokens)
@@ -206,7 +207,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     invocation_train_s = trained_seconds  # time_limit_min counts this invocation's steps
     if rank == 0:
         print(f"memcomp {cfg.stage} | recipe {cfg.recipe} | {resolve_device(run.device)} {run.dtype} | {threads} | "
-              f"{sum(p.numel() for p in comp.parameters()) / 1e6:.1f}M parameters | out {run.out_dir} | "
+              f"{n_params / 1e6:.1f}M parameters | out {run.out_dir} | "
               + (f"resuming at step {start} of {optim.steps}" if start else f"{optim.steps} steps"), file=sys.stderr)
         if start >= optim.steps:
             print(f"memcomp {cfg.stage}: training already finished ({start} steps in {run.out_dir}); nothing to "

@@ -8,11 +8,13 @@ decoder trained; usually continues from a CPT checkpoint (``compressor.init_from
 import sys
 
 from memcomp.trainers.config import config_from_cli
+from memcomp.trainers.distributed import finish
 from memcomp.trainers.loop import train
 
 
 def main(argv=None) -> int:
     train(config_from_cli("python -m memcomp.trainers.sft", ("sft",), argv))
+    finish()  # on success only: after a failure a barrier could wait for a dead rank
     return 0
 
 
