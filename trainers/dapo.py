@@ -34,7 +34,7 @@ from memcomp.trainers.checkpoint import (
 )
 from memcomp.trainers.config import DAPOConfig, config_from_cli
 from memcomp.trainers.distributed import all_reduce, finish, rank_world, setup_deepspeed, wants_deepspeed
-from memcomp.trainers.loop import RunLog, check_data_files, optimizer_step
+from memcomp.trainers.loop import RunLog, check_data_files, optimizer_step, start_process
 from memcomp.trainers.recipes import prepare
 
 from memcomp.packing import PackingCollator
@@ -51,7 +51,6 @@ from memcomp.rl.rollout import (
     row_targets,
     score_group,
 )
-from memcomp.runtime import set_threads
 from memcomp.tasks import SampleBuilder
 
 
@@ -178,9 +177,7 @@ def update(policy_model, engine, comp, groups: list[Group], bank: MemoryBank, co
 
 def train(cfg: DAPOConfig) -> dict[str, Any]:
     """Run (or resume) DAPO; returns a summary with the per-step history and the trained compressor."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    threads = set_threads(cfg.run.threads)
+    threads = start_process(cfg.run.threads)
     cfg = prepare(cfg)
     if not cfg.compressor.init_from:
         raise ValueError("DAPO continues from a SFT compressor: set compressor.init_from=")

@@ -65,10 +65,6 @@ class RunLog:
 
         self.out_dir, self.name, self.total, self.active = out_dir, name, total, active
         self.tty = sys.stderr.isatty()
-        if not self.tty:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # its checkpoint-shard bars too
         self.bar = tqdm(range(start, total), desc=f"memcomp {name}", unit="step", disable=not active or not self.tty,
                         initial=start, total=total)
         self.metrics = open_metrics(out_dir, start) if active else None
@@ -168,11 +164,23 @@ def optimizer_step(engine, comp, opt, sched, max_grad_norm: float) -> float:
         return grad_norm
 
 
+def start_process(threads: int) -> str:
+    """What every trainer sets up first: torch's threads (``memcomp.runtime``; returns the header fragment),
+    DeepSpeed's accelerator named on a machine without CUDA (accelerate imports DeepSpeed on every save, which
+    otherwise warns that it guessed), and, when stderr is not a terminal, transformers' progress bars off (loading
+    and saving shards; they would fill a log file with carriage returns)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return set_threads(threads)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a CPT / SFT run; returns a summary with the loss curve and the trained compressor."""
-    if not torch.cuda.is_available():  # say it, so DeepSpeed (imported by accelerate on every save) does not warn
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    threads = set_threads(cfg.run.threads)
+    threads = start_process(cfg.run.threads)
     cfg = prepare(cfg)
     check_data_files(cfg.data)
     run, optim = cfg.run, cfg.optim

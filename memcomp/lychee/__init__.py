@@ -21,7 +21,8 @@ is measured against (MemAgent over raw-text chunks, full context). Modules:
   the working-memory loop batched across questions; answers, traces, citations and cost).
 - ``baselines``: ``MemAgent`` (the same loop over raw-text chunks) and ``FullContext``.
 
-Generation goes only through ``memcomp.rl.engine.GenerationEngine`` (HF now, vLLM later). Names are imported lazily, so importing one part does not pull in the others' dependencies.
+Generation goes only through ``memcomp.rl.engine.GenerationEngine`` (HF generate, or vLLM through
+``memcomp.serving``). Names are imported lazily, so importing one part does not pull in the others' dependencies.
 """
 
 from __future__ import annotations

@@ -148,6 +148,25 @@ class GenerationResult:
         return len(self.token_ids)
 
 
+def check_request_memory(compressor: MemoryCompressor, i: int, m: Optional[Union[Memory, torch.Tensor]]) -> None:
+    """Request ``i``'s memory belongs to ``compressor`` (a ``Memory``: fingerprint, chunk size and width; raw
+    embeddings: width) and is finite. Raises ``MemoryMismatchError`` / ``ValueError`` naming the request. Every
+    engine checks its requests with this before generating."""
+    try:
+        if m is None:
+            return
+        if isinstance(m, Memory):
+            compressor.check_memory(m)
+        elif m.shape[1] != compressor.hidden_size:
+            raise MemoryMismatchError(f"memory embeddings are [{m.shape[0]}, {m.shape[1]}], this compressor's "
+                                      f"width is {compressor.hidden_size}")
+        emb = m.embeddings if isinstance(m, Memory) else m
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError("memory embeddings have non-finite values")
+    except (MemoryMismatchError, ValueError) as exc:
+        raise type(exc)(f"request {i}: {exc}") from exc
+
+
 class GenerationEngine(abc.ABC):
     """The rollout interface: ``generate(requests, options)`` -> one list of ``options.n`` results per request, in
     request order."""
@@ -236,17 +255,7 @@ class HFEngine(GenerationEngine):
         self.max_batch_size = max_batch_size
 
     def _check_memory(self, i: int, m: Optional[Union[Memory, torch.Tensor]]) -> None:
-        comp = self.compressor
-        try:
-            if m is None:
-                return
-            if isinstance(m, Memory):
-                comp.check_memory(m)
-            elif m.shape[1] != comp.hidden_size:
-                raise MemoryMismatchError(f"memory embeddings are [{m.shape[0]}, {m.shape[1]}], this compressor's "
-                                          f"width is {comp.hidden_size}")
-        except MemoryMismatchError as exc:
-            raise MemoryMismatchError(f"request {i}: {exc}") from exc
+        check_request_memory(self.compressor, i, m)
 
     def _stop_ids(self, options: SamplingOptions) -> list[int]:
         eos = self.compressor.tokenizer.eos_token_id

