@@ -2,7 +2,9 @@
 over micro-batches and over two gloo ranks."""
 
 import math
+import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -170,11 +172,18 @@ def _free_port():
 
 
 def test_token_mean_over_two_gloo_ranks_equals_single_process(tmp_path):
-    import torch.multiprocessing as mp
+    import subprocess
 
-    # fork, not spawn: a spawned child would import this test module by name, which pytest's importlib mode does
-    # not make importable. Nothing here has touched CUDA, so forking is safe.
-    mp.start_processes(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork", join=True)
+    # Two fresh processes running this file as a script (below), not forks of the test process: a fork taken
+    # after torch's intra-op thread pool has started can deadlock in the child's first parallel op (seen once in a
+    # full-suite run), and pytest's importlib mode does not let a spawned child import this module by name.
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
     W, X, tokens, old, adv = _problem()
     reference = _grad(W, X, tokens, old, adv, N_TOKENS)  # one process, the whole mini-batch's token-mean
     for rank in range(2):
@@ -185,3 +194,7 @@ def test_token_mean_over_two_gloo_ranks_equals_single_process(tmp_path):
         # 3 against 7 tokens: the per-rank mean weighs rank 0's tokens 7/3 times more
         assert not torch.allclose(res["mean_of_means"], reference, rtol=1e-3, atol=1e-4)
     assert math.isfinite(reference.abs().sum().item()) and reference.abs().sum() > 0
+
+
+if __name__ == "__main__":  # one rank of the two-rank test above
+    _rank_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
