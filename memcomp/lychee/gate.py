@@ -54,7 +54,6 @@ raises ``MemoryMismatchError``: the head reads hidden states of those exact weig
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import numbers
@@ -70,6 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memcomp.lychee.prompts import NO_MEMORY, Prompts, TextOrIds
+from memcomp.lychee.store import tokenizer_digest
 from memcomp.memory import Memory, MemoryFileError, MemoryMismatchError
 
 if TYPE_CHECKING:
@@ -252,11 +252,6 @@ def recall_threshold(scores: torch.Tensor, labels: torch.Tensor, target_recall: 
     return float(pos[k - 1])
 
 
-def _tokenizer_digest(tokenizer: Any) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
 class _LoRA(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, generator: torch.Generator) -> None:
         super().__init__()
@@ -313,7 +308,7 @@ class Gate(nn.Module):
         self.target_recall: Optional[float] = None
         self.metrics: dict[str, Any] = {}
         self.fingerprint = compressor.fingerprint()
-        self.tokenizer_sha256 = _tokenizer_digest(compressor.tokenizer)
+        self.tokenizer_sha256 = tokenizer_digest(compressor.tokenizer)
         self._active = 0
 
     @property
@@ -333,7 +328,7 @@ class Gate(nn.Module):
         """Raise ``MemoryMismatchError`` unless ``compressor`` has the weights and vocabulary the gate was trained
         on."""
         self._check_weights(compressor)
-        if _tokenizer_digest(compressor.tokenizer) != self.tokenizer_sha256:
+        if tokenizer_digest(compressor.tokenizer) != self.tokenizer_sha256:
             raise MemoryMismatchError("the gate was trained with another tokenizer vocabulary than this compressor's")
 
     def _check_weights(self, compressor: MemoryCompressor) -> None:
@@ -503,7 +498,7 @@ class Gate(nn.Module):
             raise MemoryMismatchError(f"the gate in {directory} was trained for compressor {meta['fingerprint']}, "
                                       f"this compressor is {fp}: its head reads hidden states of other weights; "
                                       "train a gate for this compressor")
-        if meta["tokenizer_sha256"] != _tokenizer_digest(compressor.tokenizer):
+        if meta["tokenizer_sha256"] != tokenizer_digest(compressor.tokenizer):
             raise MemoryMismatchError(f"the gate in {directory} was trained with another tokenizer vocabulary")
         try:
             config = GateConfig(**{**meta["config"], "target_modules": tuple(meta["config"]["target_modules"])})

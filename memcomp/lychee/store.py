@@ -382,7 +382,7 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _tokenizer_digest(tokenizer: Any) -> str:
+def tokenizer_digest(tokenizer: Any) -> str:
     """16 hex digits of SHA-256 over the tokenizer's vocabulary (added tokens included): the token ids a store
     holds mean nothing under another vocabulary."""
     vocab = sorted(tokenizer.get_vocab().items())
@@ -694,7 +694,7 @@ def _header(compressor: MemoryCompressor, config: BlockStoreConfig) -> dict[str,
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": compressor.fingerprint(),
             "chunk_size": compressor.config.chunk_size, "hidden_size": compressor.hidden_size,
             "dtype": str(compressor.dtype).removeprefix("torch."),
-            "tokenizer_sha256": _tokenizer_digest(compressor.tokenizer), "block_tokens": config.block_tokens,
+            "tokenizer_sha256": tokenizer_digest(compressor.tokenizer), "block_tokens": config.block_tokens,
             "shard_blocks": config.shard_blocks}
 
 
@@ -850,7 +850,7 @@ class BlockStore:
         store's fingerprint, chunk size and hidden size, and the same tokenizer vocabulary."""
         probe = Memory(torch.empty(0, self.hidden_size), 0, self.chunk_size, self.fingerprint)
         compressor.check_memory(probe)
-        if _tokenizer_digest(compressor.tokenizer) != self.index["tokenizer_sha256"]:
+        if tokenizer_digest(compressor.tokenizer) != self.index["tokenizer_sha256"]:
             raise MemoryMismatchError(f"the block store in {self.directory} was tokenized with another vocabulary "
                                       "than this compressor's tokenizer")
 

@@ -193,6 +193,20 @@ class GenerationEngine(abc.ABC):
                 raise TypeError(f"generate: request {i} is a {type(r).__name__}, not a GenerationRequest")
         return list(requests)
 
+    # Shared by the engines that decode for a MemoryCompressor (``self.compressor``).
+    def _check_memory(self, i: int, m: Optional[Union[Memory, torch.Tensor]]) -> None:
+        check_request_memory(self.compressor, i, m)
+
+    def _stop_ids(self, options: SamplingOptions) -> list[int]:
+        """The tokenizer's EOS plus ``options.stop_token_ids``, sorted; ids outside the vocabulary are refused."""
+        eos = self.compressor.tokenizer.eos_token_id
+        stops = sorted(set(options.stop_token_ids) | ({eos} if eos is not None else set()))
+        vocab = self.compressor.model.get_input_embeddings().weight.shape[0]
+        bad = [s for s in stops if s >= vocab]
+        if bad:
+            raise ValueError(f"{type(self).__name__}: stop_token_ids {bad} lie outside the vocabulary [0, {vocab})")
+        return stops
+
 
 class _LogProbRecorder:
     """Forward hook on the causal LM while HF ``generate`` runs: each call's last-position logits are the raw
@@ -253,18 +267,6 @@ class HFEngine(GenerationEngine):
             raise ValueError(f"HFEngine: max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
         self.compressor = compressor
         self.max_batch_size = max_batch_size
-
-    def _check_memory(self, i: int, m: Optional[Union[Memory, torch.Tensor]]) -> None:
-        check_request_memory(self.compressor, i, m)
-
-    def _stop_ids(self, options: SamplingOptions) -> list[int]:
-        eos = self.compressor.tokenizer.eos_token_id
-        stops = sorted(set(options.stop_token_ids) | ({eos} if eos is not None else set()))
-        vocab = self.compressor.model.get_input_embeddings().weight.shape[0]
-        bad = [s for s in stops if s >= vocab]
-        if bad:
-            raise ValueError(f"HFEngine: stop_token_ids {bad} lie outside the vocabulary [0, {vocab})")
-        return stops
 
     @contextlib.contextmanager
     def _generation_state(self, seed: Optional[int]) -> Iterator[None]:

@@ -29,17 +29,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
-from memcomp.memory import Memory
 from memcomp.rl.engine import (
     GenerationEngine,
     GenerationRequest,
     GenerationResult,
     SamplingOptions,
-    check_request_memory,
 )
 
 INSTALL_HINT = ("vLLM is not installed: on a GPU `pip install vllm`; on a CPU run scripts/setup_serving.sh, which "
@@ -256,9 +254,6 @@ class VLLMEngine(GenerationEngine):
             self._dead = True
         return EngineFailure(f"VLLMEngine: {what}: {type(exc).__name__}: {exc}", dead=dead)
 
-    def _check_memory(self, i: int, m: Optional[Union[Memory, torch.Tensor]]) -> None:
-        check_request_memory(self.compressor, i, m)
-
     def prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
         """The decoder input of one request, ``[L, d]`` in the decoder's dtype on the CPU: prefix, memory block,
         prompt, laid out by ``build_decoder_inputs`` (no padding: one row). Raises what it raises."""
@@ -270,15 +265,6 @@ class VLLMEngine(GenerationEngine):
             batch = comp.build_decoder_inputs([memory], [request.prompt], padding_side="left",
                                               prefixes=[request.prefix] if request.prefix is not None else None)
         return batch.inputs_embeds[0].detach().to("cpu").contiguous()
-
-    def _stop_ids(self, options: SamplingOptions) -> list[int]:
-        eos = self.compressor.tokenizer.eos_token_id
-        stops = sorted(set(options.stop_token_ids) | ({eos} if eos is not None else set()))
-        vocab = self.compressor.model.get_input_embeddings().weight.shape[0]
-        bad = [s for s in stops if s >= vocab]
-        if bad:
-            raise ValueError(f"VLLMEngine: stop_token_ids {bad} lie outside the vocabulary [0, {vocab})")
-        return stops
 
     def sampling_params(self, options: SamplingOptions, *, seed: Optional[int] = None) -> Any:
         """``SamplingOptions`` as vLLM ``SamplingParams``: top-k, min-p and penalties off (DAPO samples from the
