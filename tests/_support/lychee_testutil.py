@@ -2,12 +2,24 @@
 gate, coded block memories and distractor text for the synthetic task."""
 
 import copy
+import mmap
 import re
 
 import torch
 
 from memcomp.lychee.gate import Gate
 from memcomp.rl.engine import GenerationEngine, GenerationResult
+
+def touch_fresh_pages(nbytes):
+    """Map ``nbytes`` of fresh anonymous memory, write every page, unmap it: the process's RSS grows by ``nbytes``
+    whatever the allocator holds in reserve (a freed heap region reused by torch.ones would not raise it)."""
+    buf = mmap.mmap(-1, nbytes)
+    try:
+        for off in range(0, nbytes, mmap.PAGESIZE):
+            buf[off] = 1
+    finally:
+        buf.close()
+
 
 # Distractor sentences for memcomp.eval.synthetic (our own text; none mentions a person, city or country).
 DISTRACTORS = [
@@ -98,9 +110,7 @@ class ScriptedEngine(GenerationEngine):
         requests = self.check_call(requests, options)
         self.calls.append((requests, options))
         if self.allocate_bytes:  # a transient allocation the cost meter must see
-            buf = torch.ones(self.allocate_bytes // 4, dtype=torch.float32)
-            assert float(buf[-1]) == 1.0
-            del buf
+            touch_fresh_pages(self.allocate_bytes)
         out = []
         for r in requests:
             text = self.prompt_text(r)
