@@ -34,14 +34,17 @@ def _demo(args: argparse.Namespace) -> int:
             f" (the {args.preset!r} preset runs on a GPU; `memcomp demo` alone is the CPU demo)")
         print(f"memcomp demo: device=cuda but CUDA is not available{why}", file=sys.stderr)
         return 2
-    if args.stage in ("sft", "rl") and not os.path.isdir(cfg.compressor.init_from):
-        previous = {"sft": ("CPT", "memcomp demo"), "rl": ("SFT", "memcomp demo --stage sft")}[args.stage]
+    if args.stage in ("sft", "rl", "lychee") and not os.path.isdir(cfg.compressor.init_from):
+        previous = {"sft": ("CPT", "memcomp demo"), "rl": ("SFT", "memcomp demo --stage sft"),
+                    "lychee": ("CPT", "memcomp demo")}[args.stage]
         print(f"memcomp demo --stage {args.stage} continues from the {previous[0]} demo: {cfg.compressor.init_from} "
               f"not found; run `{previous[1]}` first (or pass init_from=...)", file=sys.stderr)
         return 2
     s = run(args.preset, args.stage, args.overrides)
     if args.stage == "rl":
         return _print_rl(args, s)
+    if args.stage == "lychee":
+        return _print_lychee(args, s)
     ev = s["eval"]
     now = ("" if s["steps_trained_now"] else ", already trained: evaluation only") + (
         f"; this run {s['invocation_seconds'] / 60:.1f} min")
@@ -71,6 +74,29 @@ def _demo(args: argparse.Namespace) -> int:
     if args.preset == "smoke":
         print("  (a smoke run is a few steps at toy sizes: it checks the pipeline, it is not expected to learn)")
     print(f"  wrote {s['out_dir']}/summary.json, loss.png, compressor/, metrics.jsonl, runs.jsonl, checkpoints")
+    return 0
+
+
+def _print_lychee(args: argparse.Namespace, s: dict) -> int:
+    st = s["settings"]
+    print(f"\nmemcomp demo, lychee ({args.preset}, {s['compression']} compression, {s['parameters'] / 1e6:.1f}M params; "
+          f"reasoner SFT {s['train_seconds'] / 60:.1f} min, gate {s['gate_seconds'] / 60:.1f} min, evaluation "
+          f"{s['eval_seconds'] / 60:.1f} min; this run {s['invocation_seconds'] / 60:.1f} min)")
+    print(f"  synthetic task: {st['hops']}-hop questions over {st['context_tokens']}-token contexts; blocks of "
+          f"{st['block_tokens']} tokens, MemAgent chunks of {st['chunk_tokens']}; greedy")
+    for mode in ("prefilter", "sequential"):
+        g = s["gate"]["heldout"][mode]
+        print(f"  gate ({mode}) on held-out blocks: recall {g['recall']:.3f}, precision {g['precision']:.3f}, "
+              f"blocks skipped {g['skipped']:.2f}, AUC {g['auc'] if g['auc'] is None else round(g['auc'], 3)}")
+    print()
+    print(s["table"])
+    for r in s["ratios_vs_memagent"]:
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"
+        mem = f"{r['peak_memory_ratio']:.2f}x" if r["peak_memory_ratio"] else "n/a"
+        print(f"  LycheeMemory vs MemAgent at {r['length']} tokens: {speed} faster per question, {mem} lower peak memory")
+    if args.preset == "smoke":
+        print("  (a smoke run is a few steps at toy sizes: it checks the pipeline, it is not expected to learn)")
+    print(f"  wrote {s['out_dir']}/summary.json, eval.json, eval.md, compressor/, gate/, metrics.jsonl")
     return 0
 
 
@@ -312,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a tiny compressor on CPU and show that memory carries the text")
     demo.add_argument("--preset", default="tiny", help="tiny (default, ~10 min on 2 cores), smollm2 (the real "
                       "SmolLM2-135M-Instruct, one GPU, under 10 min), small (GPU), smoke")
-    demo.add_argument("--stage", default="cpt", choices=("cpt", "sft", "rl"),
+    demo.add_argument("--stage", default="cpt", choices=("cpt", "sft", "rl", "lychee"),
                       help="cpt (default): CPT + reconstruction eval; sft: continue with SFT on synthetic QA; rl: "
                       "continue with DAPO on the same QA, held-out accuracy after RL vs after SFT")
     demo.add_argument("overrides", nargs="*", help="key=value: any trainer option (steps=2000, device=cuda, "

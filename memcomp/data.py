@@ -21,7 +21,9 @@ from typing import Any, Optional
 
 from memcomp.tasks import Sample, SampleBuilder
 
-SCHEMAS = {"text": ("text",), "qa": ("context", "question", "answer"), "summary": ("text", "summary")}
+SCHEMAS = {"text": ("text",), "qa": ("context", "question", "answer"), "summary": ("text", "summary"),
+           # Reasoner SFT records (memcomp.lychee.traces): the kind's own fields are checked there.
+           "trace": ("kind", "problem", "target")}
 
 
 class DataError(ValueError):
@@ -84,6 +86,12 @@ class JsonlReader:
         missing = [f for f in self.fields if not isinstance(rec.get(f), str) or not rec.get(f)]
         if missing:
             return self._reject(f"line {lineno}: missing or empty string field(s) {missing}")
+        if self.schema == "trace":
+            from memcomp.lychee.traces import check_trace_record
+
+            why = check_trace_record(rec)
+            if why is not None:
+                return self._reject(f"line {lineno}: {why}")
         self.good += 1
         return rec
 
@@ -158,7 +166,10 @@ SFT = TaskMixture(1.0, (("qa", 1.0),), bridges=(0,))
 # mostly solves) did not learn to read memory within the demo's 1,800 steps (measured: reconstruction loss
 # equal to plain-LM loss); with reconstruction alone it does.
 RECONSTRUCTION_LM = TaskMixture(0.7, (("reconstruction", 1.0),), bridges=(1,))
-MIXTURES = {"cpt1": PHASE_1, "cpt2": PHASE_2, "sft": SFT, "reconstruction_lm": RECONSTRUCTION_LM}
+# LycheeMemory's reasoner SFT (memcomp.lychee.traces): every record of the trace file, as written.
+REASONER = TaskMixture(1.0, (("trace", 1.0),), bridges=(0,))
+MIXTURES = {"cpt1": PHASE_1, "cpt2": PHASE_2, "sft": SFT, "reconstruction_lm": RECONSTRUCTION_LM,
+            "reasoner": REASONER}
 
 
 @dataclass
@@ -176,7 +187,7 @@ class SampleStream:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         needs = {"reconstruction": "text", "continuation": "text", "lm": "text", "qa": "qa",
-                 "summarization": "summary"}
+                 "summarization": "summary", "trace": "trace"}
         for task in [t for t, _ in self.mixture.tasks] + (["lm"] if self.mixture.compression < 1 else []):
             if needs[task] not in self.readers:
                 raise DataError(f"the {task} task needs a {needs[task]!r} data file ({SCHEMAS[needs[task]]})")
@@ -208,12 +219,22 @@ class SampleStream:
                     n_bridge = self.rng.choice(self.mixture.bridges)
                     if len(doc) > self.builder.chunk_size * (n_bridge + 2):
                         return self.builder.continuation(doc, self.rng, n_bridge=n_bridge)
+            elif task == "trace":
+                return self._trace(next(self._iters["trace"]))
             elif task == "qa":
                 rec = next(self._iters["qa"])
                 return self.builder.qa(self._ids(rec["context"]), rec["question"], self._ids(rec["answer"]))
             else:
                 rec = next(self._iters["summary"])
                 return self.builder.summarization(self._ids(rec["text"]), self._ids(rec["summary"]), self.rng)
+
+    def _trace(self, rec: dict[str, Any]) -> Sample:
+        from memcomp.lychee.prompts import Prompts
+        from memcomp.lychee.traces import trace_sample, turn_end_ids
+
+        if getattr(self, "_prompts", None) is None:
+            self._prompts = (Prompts(self.builder.tok), turn_end_ids(self.builder.tok))
+        return trace_sample(rec, *self._prompts)
 
     def take(self, n: int) -> list[Sample]:
         return [self.next() for _ in range(n)]

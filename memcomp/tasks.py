@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TASKS = ("reconstruction", "continuation", "summarization", "qa", "lm")
+# Tasks whose samples have no memory block: plain LM, and the raw-text calls of the LycheeMemory systems' SFT
+# (memcomp.lychee.traces: MemAgent's update, the final answer, full context).
+PLAIN_TEXT_TASKS = ("lm", "memagent_update", "final_answer", "full_context")
 FORMATS = ("flat", "chatml")
 
 # Our own wording, several phrasings per task and length (the paper samples from pools of 5-8). The first
@@ -71,7 +74,7 @@ class Sample:
 
     @property
     def has_memory(self) -> bool:
-        return self.task != "lm"
+        return self.task not in PLAIN_TEXT_TASKS
 
 
 def _as_ids(task: str, name: str, ids: Any) -> list[int]:

@@ -67,11 +67,20 @@ def build_stream(d: DataSettings, comp: MemoryCompressor, *, stage: str, seed: i
                             instructions=d.instructions)
     files = {"text": d.val_text_file if validation else d.text_file,
              "qa": d.val_qa_file if validation else d.qa_file,
+             "trace": d.val_trace_file if validation else d.trace_file,
              "summary": "" if validation else d.summary_file}
     readers = {k: JsonlReader(p, k, d.max_bad_fraction, shuffle=not validation, seed=seed)
                for k, p in files.items() if p}
     return SampleStream(builder, MIXTURES[d.mixture or stage], readers,
                         seed=seed + (10_000 if validation else 0), doc_tokens=d.doc_tokens)
+
+
+def has_validation(d: DataSettings, stage: str) -> bool:
+    """Whether the stage's mixture has validation data: its trace file for the reasoner mixture, else a validation
+    text or QA file."""
+    if "trace" in dict(MIXTURES[d.mixture or stage].tasks):
+        return bool(d.val_trace_file)
+    return bool(d.val_text_file or d.val_qa_file)
 
 
 def build_optimizer(o: OptimSettings, comp: MemoryCompressor):

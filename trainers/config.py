@@ -22,7 +22,7 @@ from typing import Any, Union
 from memcomp.config import PROJECTION_INITS, CompressorConfig
 from memcomp.data import MIXTURES
 
-STAGES = ("cpt1", "cpt2", "sft")
+STAGES = ("cpt1", "cpt2", "sft", "reasoner")  # "reasoner": LycheeMemory's reasoner SFT (memcomp.lychee.traces)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class OptimSettings:
 @dataclass(frozen=True)
 class DataSettings:
     """JSONL data, read streaming: ``{"text"}`` documents, ``{"context", "question", "answer"}`` QA (DAPO:
-    ``"answers"``, a list), ``{"text", "summary"}``. ``mixture``: a task mixture other than the stage's
+    ``"answers"``, a list), ``{"text", "summary"}``, reasoner traces (``memcomp.lychee.traces``). ``mixture``: a task mixture other than the stage's
     (``memcomp.data.MIXTURES``)."""
 
     mixture: str = ""
@@ -110,6 +110,8 @@ class DataSettings:
     summary_file: str = ""
     val_text_file: str = ""
     val_qa_file: str = ""
+    trace_file: str = ""            # reasoner SFT records (memcomp.lychee.traces; mixture "reasoner")
+    val_trace_file: str = ""
     doc_tokens: int = 512
     max_bad_fraction: float = 0.01
     eval_samples: int = 32

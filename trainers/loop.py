@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import torch
-from memcomp.trainers.build import build_compressor, build_optimizer, build_stream, resolve_device
+from memcomp.trainers.build import build_compressor, build_optimizer, build_stream, has_validation, resolve_device
 from memcomp.trainers.checkpoint import (
     export_compressor,
     load_checkpoint,
@@ -38,7 +38,7 @@ from memcomp.packing import PackingCollator
 from memcomp.profiling import nvtx_range
 from memcomp.runtime import set_threads
 
-DATA_FILES = ("text_file", "qa_file", "summary_file", "val_text_file", "val_qa_file")
+DATA_FILES = ("text_file", "qa_file", "summary_file", "trace_file", "val_text_file", "val_qa_file", "val_trace_file")
 
 
 def now() -> str:
@@ -222,7 +222,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                   "train (a new out_dir= starts afresh)", file=sys.stderr)
     val = ([s for s in build_stream(cfg.data, comp, stage=cfg.stage, seed=run.seed, validation=True)
             .take(cfg.data.eval_samples)]
-           if run.eval_every and (cfg.data.val_text_file or cfg.data.val_qa_file) else [])
+           if run.eval_every and has_validation(cfg.data, cfg.stage) else [])
     best, bad_evals = (meta or {}).get("best", math.inf), (meta or {}).get("bad_evals", 0)
     log = RunLog(run.out_dir, cfg.stage, start, optim.steps, active=rank == 0)
     stopped = out_of_time = False

@@ -73,7 +73,12 @@ def prepare(cfg: AnyConfig) -> AnyConfig:
 def _demo_data(cfg: AnyConfig) -> AnyConfig:
     from memcomp.demo.data import prepare_demo_data
 
-    return prepare_demo_data(cfg)
+    cfg = prepare_demo_data(cfg)
+    if cfg.stage == "reasoner":
+        from memcomp.demo.lychee import prepare_reasoner_data
+
+        cfg = prepare_reasoner_data(cfg)
+    return cfg
 
 
 def _replace(section: Any, **changes: Any) -> Any:
@@ -132,7 +137,7 @@ def qwen25_32b(stage: str) -> AnyConfig:
 # The demo's recipes
 # --------------------------------------------------------------------------------------------------
 
-@register_recipe("tiny_cpu", ("cpt1", "cpt2", "sft", "dapo"), prepare=_demo_data)
+@register_recipe("tiny_cpu", ("cpt1", "cpt2", "sft", "dapo", "reasoner"), prepare=_demo_data)
 def tiny_cpu(stage: str) -> AnyConfig:
     """The demo: a tiny model on the stdlib corpus. Its two departures from the paper's phase 1, both measured
     on this model: reconstruction as the only compression task (memcomp.data.RECONSTRUCTION_LM) and short
@@ -151,6 +156,13 @@ def tiny_cpu(stage: str) -> AnyConfig:
         return TrainConfig("tiny_cpu", stage, comp, fqlora, optim, data, run)
     comp = _replace(comp, freeze_projection=True)
     data = _replace(data, mixture="", prompt_format="chatml")
+    if stage == "reasoner":
+        # LycheeMemory's reasoner SFT (memcomp.demo.lychee): the synthetic task's ideal traces for every call of
+        # LycheeMemory, MemAgent and full context, from the CPT compressor; the prepare step writes the records.
+        return TrainConfig("tiny_cpu", stage, comp, fqlora,
+                           _replace(optim, steps=600, lr_full=1e-3, lr_proj=0.0, warmup_ratio=0.03),
+                           _replace(data, mixture="reasoner"),
+                           _replace(run, out_dir="runs/demo/lychee", eval_every=200, save_every=200))
     if stage == "sft":
         return TrainConfig("tiny_cpu", stage, comp, fqlora,
                            _replace(optim, steps=300, lr_full=5e-4, lr_proj=0.0, warmup_ratio=0.03), data,

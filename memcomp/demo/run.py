@@ -39,9 +39,11 @@ RL_PRESETS: dict[str, list[str]] = {
               "rl.max_response_tokens=6",
               "rl.overlong_buffer=2", "rl.dynamic_warmup_steps=6"],
 }
-STAGES = ("cpt", "sft", "rl")
+STAGES = ("cpt", "sft", "rl", "lychee")
 # Where each stage starts: the previous stage's compressor, next to this stage's out_dir.
-PREVIOUS_STAGE = {"sft": "cpt", "rl": "sft"}
+PREVIOUS_STAGE = {"sft": "cpt", "rl": "sft", "lychee": "cpt"}
+# The trainer recipe stage of each demo stage (lychee: the reasoner SFT of memcomp.demo.lychee).
+RECIPE_STAGE = {"cpt": "cpt1", "sft": "sft", "rl": "dapo", "lychee": "reasoner"}
 DEMO_OPTIONS = {"eval_passages": 64, "eval_questions": 0}  # eval_questions: 0 = every held-out question
 # Presets on another recipe than tiny_cpu (memcomp.trainers.recipes), with their overrides in PRESETS.
 PRESET_RECIPES = {"smollm2": "smollm2"}
@@ -51,9 +53,10 @@ CPU_TRAIN_TOKENS_PER_S = {"smollm2": 50.0}
 
 
 def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = None):
-    """-> (trainer config, demo options). ``stage``: cpt (recipe stage cpt1), sft, or rl (the dapo stage), each
-    but cpt continuing from the previous stage's ``compressor/`` beside its ``out_dir`` unless ``init_from=`` is
-    given. ``overrides``: key=value for any trainer option (dotted, or its short name where unique:
+    """-> (trainer config, demo options). ``stage``: cpt (recipe stage cpt1), sft, rl (the dapo stage) or lychee
+    (the reasoner stage; ``lychee.<name>=`` options are ``memcomp.demo.lychee``'s and are checked and left out
+    here), each but cpt continuing from the previous stage's ``compressor/`` beside its ``out_dir`` unless
+    ``init_from=`` is given. ``overrides``: key=value for any trainer option (dotted, or its short name where unique:
     ``steps=2000`` is ``optim.steps=2000``) or demo option. Raises ``ValueError`` for an unknown preset, stage or
     key, or a preset whose recipe has no such stage (smollm2 has no rl)."""
     from memcomp.trainers.config import apply_overrides
@@ -64,6 +67,10 @@ def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] |
     if stage not in STAGES:
         raise ValueError(f"unknown demo stage {stage!r}; choose {', '.join(STAGES)}")
     options = dict(DEMO_OPTIONS)
+    if stage == "lychee":
+        from memcomp.demo.lychee import lychee_settings
+
+        overrides = lychee_settings(preset, list(overrides or []))[1]
     rest = []
     for item in overrides or []:
         key, _, value = item.partition("=")
@@ -73,7 +80,7 @@ def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] |
             rest.append(item)
     if preset == "smoke":
         options["eval_passages"], options["eval_questions"] = 4, 6
-    cfg = recipe(PRESET_RECIPES.get(preset, "tiny_cpu"), {"cpt": "cpt1", "sft": "sft", "rl": "dapo"}[stage])
+    cfg = recipe(PRESET_RECIPES.get(preset, "tiny_cpu"), RECIPE_STAGE[stage])
     cfg = apply_overrides(cfg, PRESETS[preset] + (RL_PRESETS.get(preset, []) if stage == "rl" else []) + rest)
     if stage in PREVIOUS_STAGE and not cfg.compressor.init_from:
         cfg = dataclasses.replace(cfg, compressor=dataclasses.replace(cfg.compressor, init_from=os.path.join(
@@ -388,6 +395,10 @@ def run(preset: str = "tiny", stage: str = "cpt", overrides: list[str] | None = 
 
     if stage == "rl":
         return run_rl(preset, overrides)
+    if stage == "lychee":
+        from memcomp.demo.lychee import run_lychee
+
+        return run_lychee(preset, overrides)
     t0 = time.time()
     cfg, options = make_config(preset, stage, overrides)
     refusal = cpu_refusal(preset, cfg)

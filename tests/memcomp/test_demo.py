@@ -121,3 +121,35 @@ def test_compare_qa_of_a_compressor_with_itself_is_a_zero_difference(tmp_path):
     result = compare_qa(comp, comp, cfg, 6)
     assert result["sft"] == result["rl"] and result["rl_minus_sft"] == 0.0 and result["rl_minus_sft_z"] == 0.0
     assert result["questions_changed"] == {"wrong_to_right": 0, "right_to_wrong": 0}
+
+
+def test_demo_smoke_lychee(tmp_path, capsys):
+    """The lychee stage from the CPT demo's compressor: reasoner SFT on the trace records, a gate on its weights,
+    then LycheeMemory, LycheeMemory without gate, MemAgent and full context on the same held-out questions."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "smoke", f"out_dir={json.dumps(str(out / 'cpt'))}"]) == 0
+    capsys.readouterr()
+    assert main(["demo", "--preset", "smoke", "--stage", "lychee", "lychee.eval_questions=4",
+                 f"out_dir={json.dumps(str(out / 'lychee'))}"]) == 0
+    printed = capsys.readouterr().out
+    ly = json.loads((out / "lychee" / "summary.json").read_text())
+    assert [r["system"] for r in ly["rows"]] == ["lychee", "lychee-nogate", "memagent", "full"]
+    for r in ly["rows"]:
+        assert r["num_questions"] == 4
+        if not r.get("skipped"):
+            lo, hi = r["ci95"]
+            assert 0.0 <= lo <= r["accuracy"] <= hi <= 1.0 and r["seconds_per_question"] > 0
+    nogate = next(r for r in ly["rows"] if r["system"] == "lychee-nogate")
+    assert nogate["blocks_read"] == nogate["blocks_total"] > 1
+    # The reasoner trained on every kind of call, from the CPT compressor.
+    metrics = [json.loads(line) for line in (out / "lychee" / "metrics.jsonl").read_text().splitlines()]
+    kinds = {k for m in metrics for k in m.get("task_loss", {})}
+    assert kinds == {"lychee_update", "memagent_update", "final_answer", "full_context"}
+    assert ly["config"]["compressor"]["init_from"].endswith("cpt/compressor") and ly["settings"]["eval_questions"] == 4
+    assert (out / "lychee" / "gate").is_dir() and (out / "lychee" / "eval.md").is_file()
+    assert "LycheeMemory vs MemAgent" in printed and "| lychee-nogate |" in printed
+    assert main(["demo", "--preset", "smoke", "--stage", "lychee", "lychee.bogus=1"]) == 2
+    assert "unknown lychee option" in capsys.readouterr().err
+    assert main(["demo", "--preset", "smoke", "--stage", "lychee",
+                 f"out_dir={json.dumps(str(tmp_path / 'nowhere' / 'lychee'))}"]) == 2
+    assert "continues from the CPT demo" in capsys.readouterr().err

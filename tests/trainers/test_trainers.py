@@ -87,7 +87,7 @@ def test_run_directory_tells_the_truth_across_restarts(data_root, tmp_path, caps
 
 
 def test_trainer_help_lists_recipes_stages_and_options(capsys):
-    for main, stages in ((cpt_main, "{cpt1,cpt2}"), (sft_main, "{sft}")):
+    for main, stages in ((cpt_main, "{cpt1,cpt2}"), (sft_main, "{sft,reasoner}")):
         with pytest.raises(SystemExit):
             main(["--help"])
         out = capsys.readouterr().out
