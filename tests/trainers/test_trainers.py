@@ -301,3 +301,44 @@ def test_two_zero3_ranks_reproduce_the_single_process_run_and_resume(data_root, 
     from memcomp import MemoryCompressor
 
     assert MemoryCompressor.from_pretrained(run / "cpt" / "compressor").config.chunk_size == 4
+
+
+def test_reasoner_stage_trains_on_trace_records(data_root, tmp_path):
+    """``python -m memcomp.trainers.sft --stage reasoner``: LycheeMemory's reasoner SFT on trace records
+    (memcomp.lychee.traces) from a CPT compressor; every kind of call trains, validation runs on its own trace file,
+    the projection stays frozen; a missing trace file or none at all is a clear error."""
+    from transformers import AutoTokenizer
+
+    from memcomp import MemoryCompressor
+    from memcomp.demo.corpus import stdlib_passages
+    from memcomp.eval.synthetic import SyntheticConfig, generate_dataset
+    from memcomp.lychee.traces import TraceConfig, trace_records
+
+    run = _run_dir(data_root, tmp_path)
+    _cpt(run, "optim.steps=2")
+    tok = AutoTokenizer.from_pretrained(run / "data" / "tokenizer")
+    files = {}
+    for split, seed in (("train", 1), ("val", 2)):
+        examples = generate_dataset(stdlib_passages()["train"], 3, SyntheticConfig(hops=1, num_distractors=2), seed=seed,
+                                    tokenizer=tok)
+        files[split] = run / f"traces_{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in trace_records(
+            examples, tok, TraceConfig(block_tokens=32, chunk_tokens=32))))
+    base = ["--recipe", "tiny_cpu", "--stage", "reasoner", f"run.out_dir={json.dumps(str(run / 'reasoner'))}",
+            f"compressor.init_from={json.dumps(str(run / 'cpt' / 'compressor'))}", "optim.steps=4",
+            "optim.samples_per_step=8", "run.save_every=0", "run.eval_every=2"]
+    assert sft_main(base + [f"data.trace_file={json.dumps(str(files['train']))}",
+                            f"data.val_trace_file={json.dumps(str(files['val']))}"]) == 0
+    rows = [json.loads(line) for line in open(run / "reasoner" / "metrics.jsonl")]
+    assert {k for r in rows for k in r["task_loss"]} == {"lychee_update", "memagent_update", "final_answer",
+                                                         "full_context"}
+    assert sum("val_loss" in r for r in rows) == 2
+    cpt = MemoryCompressor.from_pretrained(run / "cpt" / "compressor")
+    reasoner = MemoryCompressor.from_pretrained(run / "reasoner" / "compressor")
+    assert torch.equal(reasoner.projection.weight, cpt.projection.weight)
+    with pytest.raises(DataError, match="data.trace_file="):
+        sft_main(base + ["data.trace_file=nowhere.jsonl", f"run.out_dir={json.dumps(str(run / 'r2'))}"])
+    # The reasoner mixture without any trace file, on a recipe that does not write them: named.
+    with pytest.raises(DataError, match="the trace task needs a 'trace' data file"):
+        build.build_stream(apply_overrides(recipe("tiny_cpu", "reasoner"), []).data, reasoner, stage="reasoner",
+                           seed=0)
