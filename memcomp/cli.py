@@ -88,7 +88,10 @@ def _print_lychee(args: argparse.Namespace, s: dict) -> int:
         g = s["gate"]["heldout"][mode]
         print(f"  gate ({mode}) on held-out blocks: recall {g['recall']:.3f}, precision {g['precision']:.3f}, "
               f"blocks skipped {g['skipped']:.2f}, AUC {g['auc'] if g['auc'] is None else round(g['auc'], 3)}")
-    print()
+    print("  each call alone, from the ideal inputs (held-out trace records; greedy output equals the target):")
+    for name, c in s["calls"].items():
+        print(f"    {name:<30} {c['exact']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]  n={c['n']}")
+    print("  end to end (held-out questions):")
     print(s["table"])
     for r in s["ratios_vs_memagent"]:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"

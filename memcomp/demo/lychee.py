@@ -26,7 +26,7 @@ import os
 import time
 from typing import Any, Optional
 
-__all__ = ["LycheeDemoSettings", "lychee_settings", "prepare_reasoner_data", "run_lychee"]
+__all__ = ["LycheeDemoSettings", "lychee_settings", "prepare_reasoner_data", "call_accuracy", "run_lychee"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ class LycheeDemoSettings:
     eval_questions:   held-out questions every system answers (held-out distractors, seed 0: ``memcomp eval``'s).
     memory_tokens, answer_tokens:  the working-memory cap and the answer's limit (greedy decoding).
     batch_size:       questions per engine call.
+    gate_epochs:      the gate's epochs (more overfit its validation loss on the tiny model).
     """
 
     context_tokens: int = 512
@@ -54,10 +55,10 @@ class LycheeDemoSettings:
     val_examples: int = 24
     gate_examples: int = 160
     eval_questions: int = 128
-    memory_tokens: int = 48
+    memory_tokens: int = 40
     answer_tokens: int = 16
     batch_size: int = 16
-    gate_epochs: int = 4
+    gate_epochs: int = 2
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -142,6 +143,40 @@ def prepare_reasoner_data(cfg: Any, settings: Optional[LycheeDemoSettings] = Non
                                                              val_trace_file=d.val_trace_file or paths["val"]))
 
 
+def call_accuracy(comp: Any, path: str, *, max_new_tokens: int, batch_size: int = 16) -> dict[str, Any]:
+    """Each call of the loop alone, from the ideal inputs: greedy output against the record's target for every
+    validation trace record (exact match after stripping; an update is split into "evidence" steps, where the
+    memory changes, and "keep" steps, where it must be copied unchanged). This separates what the reasoner learned
+    per call from the end-to-end accuracy, where one wrong step loses the answer. Returns per category
+    ``{"n", "exact", "ci95"}``."""
+    from memcomp.eval.scoring import accuracy_interval
+    from memcomp.lychee.prompts import Prompts
+    from memcomp.lychee.traces import trace_sample, turn_end_ids
+    from memcomp.rl.engine import GenerationRequest, HFEngine, SamplingOptions
+
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    prompts, end = Prompts(comp.tokenizer), turn_end_ids(comp.tokenizer)
+    engine = HFEngine(comp, max_batch_size=batch_size)
+    options = SamplingOptions(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(end))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        name = r["kind"]
+        if name.endswith("_update"):
+            name += " (evidence)" if r["target"] != r["memory"] else " (keep)"
+        groups.setdefault(name, []).append(r)
+    out = {}
+    for name, recs in sorted(groups.items()):
+        samples = [trace_sample(r, prompts, end) for r in recs]
+        requests = [GenerationRequest(comp.encode(s.context) if s.context else None, s.after, s.before or None)
+                    for s in samples]
+        results = engine.generate(requests, options)
+        hits = [float(res[0].text.strip() == r["target"].strip()) for res, r in zip(results, recs)]
+        acc, lo, hi = accuracy_interval(hits)
+        out[name] = {"n": len(hits), "exact": acc, "ci95": [lo, hi]}
+    return out
+
+
 def run_lychee(preset: str = "tiny", overrides: Optional[list[str]] = None, *,
                progress: Optional[bool] = None) -> dict[str, Any]:
     """The lychee stage (module docstring): reasoner SFT, gate, evaluation of the four systems. Returns the summary
@@ -196,6 +231,8 @@ def run_lychee(preset: str = "tiny", overrides: Optional[list[str]] = None, *,
                             store_dir=os.path.join(root, "stores"))
     t_eval = time.time()
     with torch.inference_mode():
+        calls = call_accuracy(comp, cfg.data.val_trace_file, max_new_tokens=settings.memory_tokens,
+                              batch_size=settings.batch_size)
         report = run_eval(comp, HFEngine(comp), items, harness, gate=gate, progress=progress, task="synthetic")
     eval_seconds = time.time() - t_eval
     report["demo"] = {"settings": dataclasses.asdict(settings), "gate_heldout": {
@@ -211,7 +248,7 @@ def run_lychee(preset: str = "tiny", overrides: Optional[list[str]] = None, *,
                  "thresholds": dict(gate.thresholds),
                  "validation": {m: dataclasses.asdict(v) for m, v in gate_result.metrics.items()},
                  "heldout": {m: dataclasses.asdict(v) for m, v in heldout_gate.items()}},
-        "rows": report["rows"], "ratios_vs_memagent": ratios(report), "table": format_table(report),
+        "calls": calls, "rows": report["rows"], "ratios_vs_memagent": ratios(report), "table": format_table(report),
         "train_seconds": result["train_seconds"], "gate_seconds": gate_seconds, "eval_seconds": eval_seconds,
         "invocation_seconds": time.time() - t0, "out_dir": root, "report": paths,
     }

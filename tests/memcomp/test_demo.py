@@ -139,6 +139,10 @@ def test_demo_smoke_lychee(tmp_path, capsys):
         if not r.get("skipped"):
             lo, hi = r["ci95"]
             assert 0.0 <= lo <= r["accuracy"] <= hi <= 1.0 and r["seconds_per_question"] > 0
+    calls = ly["calls"]  # each call alone on the validation records
+    assert {"final_answer", "full_context", "lychee_update (evidence)", "memagent_update (evidence)"} <= set(calls)
+    assert all(0.0 <= c["ci95"][0] <= c["exact"] <= c["ci95"][1] <= 1.0 and c["n"] > 0 for c in calls.values())
+    assert "each call alone" in printed
     nogate = next(r for r in ly["rows"] if r["system"] == "lychee-nogate")
     assert nogate["blocks_read"] == nogate["blocks_total"] > 1
     # The reasoner trained on every kind of call, from the CPT compressor.
