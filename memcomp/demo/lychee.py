@@ -209,12 +209,15 @@ def run_lychee(preset: str = "tiny", overrides: Optional[list[str]] = None, *,
     # The gate, on the reasoner's weights (the backbone it scores with is the one that reasons).
     t_gate = time.time()
     gate_dir = os.path.join(root, "gate")
+    from tqdm.auto import tqdm
+
     examples = _examples(settings, "train", settings.gate_examples, 2, comp.tokenizer)
-    gate_data = gate_examples_from_synthetic(comp, examples, settings.block_tokens)
+    gate_data = [g for ex in tqdm(examples, desc="gate: encoding blocks", unit="question", disable=progress is False)
+                 for g in gate_examples_from_synthetic(comp, [ex], settings.block_tokens)]
     gate_cfg = GateConfig(question_tokens=64, memory_tokens=settings.memory_tokens)
     gate_result = train_gate(comp, gate_data, config=gate_cfg,
                              train=GateTrainConfig(epochs=settings.gate_epochs, seed=cfg.run.seed),
-                             out_dir=gate_dir)
+                             out_dir=gate_dir, progress=progress)
     gate = gate_result.gate
     gate_seconds = time.time() - t_gate
 

@@ -613,9 +613,10 @@ class GateTrainResult:
 
 def train_gate(compressor: MemoryCompressor, examples: Sequence[GateExample], *,
                config: Optional[GateConfig] = None, train: Optional[GateTrainConfig] = None,
-               out_dir: Optional[str | os.PathLike] = None) -> GateTrainResult:
+               out_dir: Optional[str | os.PathLike] = None, progress: Optional[bool] = None) -> GateTrainResult:
     """Train a gate for ``compressor`` on labelled blocks (see the module docstring for inputs, labels, loss and
-    threshold), then save it to ``out_dir`` when given.
+    threshold), then save it to ``out_dir`` when given. ``progress``: a bar over the training batches with the
+    running loss (None: on a terminal only, as the compressor's ``progress`` setting says).
 
     The examples are split by question: ``round(val_fraction * n)`` of them (at least one) are held out for the
     validation loss and the thresholds; the rest train. The backbone is frozen and in eval mode throughout (its
@@ -662,6 +663,11 @@ def train_gate(compressor: MemoryCompressor, examples: Sequence[GateExample], *,
         rng = random.Random(train.seed + 1)
         losses: list[float] = []
         gate.train()
+        from tqdm.auto import tqdm
+
+        show = progress if progress is not None else compressor.config.progress
+        bar = tqdm(total=train.epochs * math.ceil(len(rows) / train.batch_size), desc="gate training", unit="batch",
+                   disable=show is False, delay=0 if show else 2.0)
         for _ in range(train.epochs):
             perm = list(range(len(rows)))
             rng.shuffle(perm)
@@ -675,6 +681,9 @@ def train_gate(compressor: MemoryCompressor, examples: Sequence[GateExample], *,
                 torch.nn.utils.clip_grad_norm_(gate.parameters(), train.max_grad_norm)
                 opt.step()
                 losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.close()
         gate.eval()
         val_after = _mean_loss(gate, val_rows, pos_weight, train.batch_size)
     metrics = {}
