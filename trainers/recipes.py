@@ -172,20 +172,35 @@ def tiny_cpu(stage: str) -> AnyConfig:
                            _replace(optim, steps=300, lr_full=5e-4, lr_proj=0.0, warmup_ratio=0.03), data,
                            _replace(run, out_dir="runs/demo/sft", eval_every=100, save_every=300))
     # DAPO on the demo's synthetic QA ("what is the first / second / third word of the passage?"): short
-    # answers, so short responses (8 tokens, the last 2 shaped); a learning rate for a 3.5M model (the paper's
-    # 1e-6 is for 7B), constant. Measured from a SFT compressor with 0.070 greedy held-out accuracy (CPT 600 steps,
-    # SFT 150): at the paper's temperature 1.0 the sampled answers were right ~0.6 % of the time, dynamic sampling
-    # kept 3 of 64 groups in 4 generation batches and the first step failed at its cap; at 0.5 the rollouts were
-    # right 3-13 % of the time and 4-22 % of the groups were kept. Not yet a gain: after 30 steps (7.3 min on 2
-    # shared cores; ~5.1 s per generation batch of 32 x 8, ~2.5 s per update) held-out accuracy was 0.066 against
-    # SFT's 0.070, and the kept fraction fell to 0.04 by step 36 (groups turning all-equal): at 45 steps the run
-    # hit the cap at step 38. Hence 30 steps; the design needs more work (README, DAPO section).
+    # answers, so short responses (8 tokens, the last 2 shaped); a constant learning rate for a 3.5M model (the
+    # paper's 1e-6 is for 7B). Measured from the full demo chain (CPT 1800 steps, SFT 300; SFT greedy held-out
+    # accuracy 0.138 on 501 questions), one thread on 2 cores shared with other jobs (wall times ~1.5-2x a quiet
+    # machine's):
+    # - Headroom (160 train questions, 8 samples): greedy 0.175; at T 1.0 / 0.7 / 0.5 the samples are right
+    #   6 / 11 / 15 % of the time, 19 / 23 / 16 % of the groups are mixed (kept), and a question the greedy answer
+    #   gets wrong is ever answered right in 8 samples 7 / 8 / 6 % of the time: little for RL to sharpen.
+    # - The previous recipe (T 0.5, lr 2e-4, 8 prompts x 8 per step, 30 steps) failed at its generation cap at step
+    #   29 on this chain after 17 min (kept fraction 0.19 -> 0.02); held-out RL - SFT -0.014 at step 10, +0.008 at
+    #   step 20.
+    # - The policy sharpens as a whole: after 60 steps at T 0.7, lr 1e-4, the train questions' samples at T 0.7
+    #   were mixed in 0.6 % of the groups (23 % before), mean response log-prob -1.8 (-5.1 before). The kept
+    #   fraction falls, generation batches per step rise, and rollouts took 18 of 27 minutes. Sharing each
+    #   prompt's prefill among its 8 samples (memcomp.rl.engine.HFEngine) cut a generation batch 3.5x.
+    # - Held-out greedy accuracy moves mostly by the "a" / "the" choice for second words, and dips before it
+    #   rises (RL - SFT at steps 10 / 20 / 30 / 40 / 60): T 0.7, lr 1e-4, 16 prompts: -0.012 / +0.018 / +0.002 /
+    #   +0.012 / +0.014 (1.8 standard errors at 60 steps, 28 min); T 1.0, lr 1e-4, 16 prompts: +0.000 / +0.008 /
+    #   +0.012 / +0.012 (1.5 s.e. at 40 steps, 11 min).
+    # - This recipe: T 0.7, lr 5e-5, 32 prompts per step in two mini-batches of 16 (two updates per batch, as the
+    #   paper), 20 steps: -0.002 / -0.010 / +0.008 / +0.018 at steps 5 / 10 / 15 / 20; at step 20 0.156 vs 0.138,
+    #   3.0 standard errors (9 questions gained, 0 lost), 6.6-9.5 min of training, 7.3-10.6 min in all (three runs,
+    #   identical results; README, DAPO section). Not with margin: with run.seed=1 the same recipe gave +0.012,
+    #   1.3 standard errors (13 gained, 7 lost); the gain is small next to the swings between checkpoints.
     return DAPOConfig("tiny_cpu", "dapo", comp, fqlora,
-                      _replace(optim, steps=30, lr_full=2e-4, lr_proj=0.0, warmup_ratio=0.0, min_lr_ratio=1.0,
+                      _replace(optim, steps=20, lr_full=5e-5, lr_proj=0.0, warmup_ratio=0.0, min_lr_ratio=1.0,
                                wd_full=0.0),
                       data, _replace(run, out_dir="runs/demo/rl", eval_every=0, save_every=10),
-                      RLSettings(group_size=8, prompts_per_step=8, mini_batch_prompts=8, gen_prompts=32,
-                                 max_gen_batches=8, dynamic_warmup_steps=0, temperature=0.5, max_response_tokens=8,
+                      RLSettings(group_size=8, prompts_per_step=32, mini_batch_prompts=16, gen_prompts=64,
+                                 max_gen_batches=12, dynamic_warmup_steps=0, temperature=0.7, max_response_tokens=8,
                                  overlong_buffer=2, reward="rule", match="exact", boxed=False))
 
 

@@ -189,9 +189,19 @@ def qa_hits(comp, cfg, n: int = 0, encoder=None) -> dict[str, Any]:
             out = comp.generate([encoded[pick(r["context"])] for r in batch],
                                 [s.after for s in samples[b0:b0 + 32]],
                                 prefixes=[s.before for s in samples[b0:b0 + 32]], max_new_tokens=6)
-            # The tiny tokenizer spells ChatML's end marker as text: cut the answer there.
-            hits[name] += [o.split("<|im_end")[0].strip().split()[:1] == [r["answer"]] for o, r in zip(out, batch)]
+            hits[name] += [answer_word(o) == r["answer"] for o, r in zip(out, batch)]
     return hits
+
+
+def answer_word(text: str) -> str:
+    """The first whitespace-separated word of a generated answer, cut where ChatML's end marker begins
+    (``memcomp.rl.rollout.strip_end_marker``, the DAPO reward's rule). The tiny tokenizer spells the marker as 7
+    text tokens and the model writes it right after the word, so the 6-token answer budget often ends inside it:
+    "Decode<|im" is the answer "Decode"."""
+    from memcomp.rl.rollout import strip_end_marker
+
+    words = strip_end_marker(text).split()
+    return words[0] if words else ""
 
 
 def _qa_metrics(hits: dict[str, Any]) -> dict[str, Any]:

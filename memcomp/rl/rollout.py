@@ -34,7 +34,7 @@ from memcomp.rl.rewards import normalize_answer, overlong_shaping, rule_reward, 
 from memcomp.tasks import Sample
 
 # The demo's tiny tokenizer spells ChatML's end marker as text: an unboxed answer ends there.
-_END_MARKER = "<|im_end"
+_END_MARKER = "<|im_end|>"
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,22 @@ class MemoryBank:
 # Rewards of one group
 # --------------------------------------------------------------------------------------------------
 
+def strip_end_marker(text: str) -> str:
+    """``text`` up to where ChatML's end marker begins, for tokenizers that spell it as text (the demo's: 7 tokens,
+    "<", "|", "im", ...). A marker cut short by a token budget counts too ("Decode<|im" -> "Decode"); a "<" that
+    starts neither the marker nor, at the very end, a prefix of it is kept ("<https://json.org>")."""
+    for i, ch in enumerate(text):
+        if ch == "<" and (text.startswith(_END_MARKER[:-2], i) or _END_MARKER.startswith(text[i:])):
+            return text[:i]
+    return text
+
+
 def plain_reward(response: str, gold_answers: Sequence[str], mode: str = "em") -> float:
-    """Binary reward of an answer given without ``\\boxed{}``: the response up to ChatML's end marker against any
-    gold answer. "exact": its first whitespace-separated word equals a gold answer verbatim (the demo's held-out
-    criterion, ``memcomp.demo.run.evaluate_qa``); "em" / "sub_em": SQuAD-normalised, equal / one contains the
-    other. An empty answer scores 0."""
-    answer = response.split(_END_MARKER)[0]
+    """Binary reward of an answer given without ``\\boxed{}``: the response up to ChatML's end marker
+    (``strip_end_marker``) against any gold answer. "exact": its first whitespace-separated word equals a gold
+    answer verbatim (the demo's held-out criterion, ``memcomp.demo.run.answer_word``); "em" / "sub_em":
+    SQuAD-normalised, equal / one contains the other. An empty answer scores 0."""
+    answer = strip_end_marker(response)
     if mode == "exact":
         _check_exact_answers(gold_answers)
         return float(answer.split()[:1] in ([g] for g in gold_answers))

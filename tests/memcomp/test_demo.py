@@ -8,7 +8,7 @@ import torch
 
 from memcomp.cli import main
 from memcomp.demo.corpus import stdlib_passages
-from memcomp.demo.run import make_config, mean_interval, position_accuracy, rouge_l_f1, wilson_interval
+from memcomp.demo.run import answer_word, make_config, mean_interval, position_accuracy, rouge_l_f1, wilson_interval
 
 
 def test_corpus_is_real_text_with_a_heldout_split():
@@ -26,6 +26,20 @@ def test_metrics():
     assert wilson_interval(8, 64) == pytest.approx((0.06472, 0.22775), abs=1e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27754), abs=1e-4)
     assert mean_interval([1, 0, 1, 0]) == pytest.approx((0.5 - 1.96 * 0.57735 / 2, 0.5 + 1.96 * 0.57735 / 2), abs=1e-4)
+
+
+def test_answer_word_cuts_the_end_marker_even_when_truncated():
+    """The held-out QA criterion: the answer's first word, cut where ChatML's end marker (7 text tokens for the tiny
+    tokenizer) begins -- also when the 6-token answer budget ended inside it, which used to score "Decode<|im"
+    against the gold "Decode" as wrong."""
+    assert answer_word("Decode<|im") == "Decode"
+    assert answer_word("Thread-local<") == "Thread-local"
+    assert answer_word("the<|im_end|>\n<|im") == "the"
+    assert answer_word(" Return values of") == "Return"
+    assert answer_word("a <|i") == "a"
+    assert answer_word("<https://json.org> is") == "<https://json.org>"   # a "<" that does not start the marker
+    assert answer_word("x<y") == "x<y"
+    assert answer_word("Thread-loc") == "Thread-loc" and answer_word("") == "" and answer_word("<|im_end|>") == ""
 
 
 def test_config_rejects_unknown_keys_and_presets():

@@ -2,6 +2,8 @@
 ``MemoryCompressor.generate``, n responses per request, log-probabilities equal a teacher-forced forward pass,
 lengths and finish reasons, the model's own generation settings set aside, bad input refused."""
 
+import dataclasses
+
 import pytest
 import torch
 from testutil import TEXTS
@@ -130,6 +132,34 @@ def test_logprobs_equal_teacher_forced_policy(setup, temperature, top_p, max_bat
     if temperature == 1.0:
         lengths = {r.num_tokens for x in out for r in x}
         assert len(lengths) > 1, "want rows of different lengths in one batch"
+
+
+def test_samples_of_one_request_share_its_prefill(setup):
+    """The n samples of a request are prefilled once (one forward over the unique prompts, its KV cache copied to
+    every row) and sample exactly what n separate copies of the request, prefilled row by row, sample with the
+    same seed: the same tokens, log-probabilities within 1e-5. Prefixes of different lengths: left padding."""
+    comp, mems, _ = setup
+    reqs = [GenerationRequest(mems[0], PROMPTS[0], prefix="<|im_start|>user\n"), GenerationRequest(mems[1], PROMPTS[1])]
+    opts = SamplingOptions(n=3, temperature=0.8, max_new_tokens=9, seed=11, return_logprobs=True)
+    batch_sizes = []
+    hook = comp.model.register_forward_hook(
+        lambda m, args, kwargs, out: batch_sizes.append(kwargs["inputs_embeds"].shape[:2])
+        if kwargs.get("inputs_embeds") is not None else None, with_kwargs=True)
+    try:
+        shared = HFEngine(comp).generate(reqs, opts)
+    finally:
+        hook.remove()
+    n_positions = comp.build_decoder_inputs(mems, PROMPTS, prefixes=["<|im_start|>user\n", ""]).inputs_embeds.shape[1]
+    # The prefill: 2 rows (not 6) over all positions but the last; then generate's first step: 6 rows, 1 position.
+    assert batch_sizes[:2] == [torch.Size([2, n_positions - 1]), torch.Size([6, 1])]
+    check_logprobs(comp, reqs, shared)
+    copies = [GenerationRequest(r.memory, r.prompt, prefix=r.prefix) for r in reqs for _ in range(3)]
+    alone = HFEngine(comp).generate(copies, dataclasses.replace(opts, n=1))
+    for k, per_request in enumerate(shared):
+        for j, r in enumerate(per_request):
+            a = alone[3 * k + j][0]
+            assert r.token_ids == a.token_ids and r.finish_reason == a.finish_reason
+            torch.testing.assert_close(r.logprobs, a.logprobs, rtol=0, atol=1e-5)
 
 
 def test_max_new_tokens_and_finish_reasons(setup):

@@ -94,3 +94,18 @@ def test_overlong_shaping_other_settings_and_bad_input():
                         ({"length": 5, "factor": -0.1}, ValueError)]:
         with pytest.raises(err):
             overlong_shaping(**kwargs)
+
+
+def test_plain_reward_reads_the_answer_before_a_text_end_marker_even_when_cut_short():
+    """Unboxed answers (the demo's tokenizer spells ChatML's end marker as 7 text tokens): the answer ends where
+    the marker begins, also when a token budget cut the marker short; a "<" that starts no marker is kept."""
+    from memcomp.rl.rollout import plain_reward, strip_end_marker
+
+    assert strip_end_marker("Decode<|im") == "Decode" and strip_end_marker("the<|im_end|>\n<|im") == "the"
+    assert strip_end_marker("a <") == "a " and strip_end_marker("x<y") == "x<y"
+    assert strip_end_marker("<https://json.org> z") == "<https://json.org> z"
+    assert plain_reward("Decode<|im", ["Decode"], "exact") == 1.0
+    assert plain_reward("Decode<|im_end|>", ["Decode"], "em") == 1.0
+    assert plain_reward("Decoder<|im", ["Decode"], "exact") == 0.0
+    assert plain_reward("<https://json.org>", ["<https://json.org>"], "exact") == 1.0
+    assert plain_reward("<|im_end|>", ["x"], "exact") == 0.0
