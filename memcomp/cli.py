@@ -198,6 +198,9 @@ def _lychee_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="default 1.0; MemAgent's eval: 0.95")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--engine", default="hf", choices=("hf", "vllm"), help="generation engine: hf (Hugging Face "
+                   "generate, default) or vllm (memcomp.serving.VLLMEngine on prompt embeddings; needs vLLM, on a CPU "
+                   "the environment scripts/setup_serving.sh builds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -211,6 +214,11 @@ def _lychee_setup(args: argparse.Namespace, who: str):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available")
+    if args.engine == "vllm":  # before the model loads
+        from memcomp.serving.engine import INSTALL_HINT, vllm_available
+
+        if not vllm_available():
+            raise ValueError(f"--engine vllm: {INSTALL_HINT}")
     settings = GenerationSettings(memory_tokens=args.memory_tokens, answer_tokens=args.answer_tokens,
                                   question_tokens=args.question_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed)
@@ -232,7 +240,25 @@ def _lychee_setup(args: argparse.Namespace, who: str):
         from memcomp.lychee.gate import Gate
 
         gate = Gate.load(args.gate, compressor)  # MemoryMismatchError for a gate of another compressor
-    return compressor, HFEngine(compressor), gate, settings
+    if args.engine == "hf":
+        return compressor, HFEngine(compressor), gate, settings
+    from memcomp.serving import VLLMEngine, kv_cache_bytes
+
+    # Prompts up to the model's window (the full-context baseline fills it); a KV cache for as many such sequences
+    # as one engine call runs (eval: --batch-size questions; ask: one), more queue inside vLLM.
+    window = compressor.model.config.max_position_embeddings
+    sequences = getattr(args, "batch_size", 1)
+    kwargs = {} if device.startswith("cuda") else {"enforce_eager": True}  # no torch.compile start-up on a CPU
+    engine = VLLMEngine(compressor, max_model_len=window, kv_cache_memory_bytes=kv_cache_bytes(
+        compressor, sequences, window), max_num_seqs=sequences, seed=0 if args.seed is None else args.seed, **kwargs)
+    return compressor, engine, gate, settings
+
+
+def _close(engine) -> None:
+    """Stop a vLLM engine's processes (``HFEngine`` holds none)."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
 
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
@@ -253,9 +279,12 @@ def _ask(args: argparse.Namespace) -> int:
         if os.path.getsize(args.input) == 0:
             raise ValueError(f"input file {args.input} is empty")
         compressor, engine, gate, settings = _lychee_setup(args, "memcomp ask")
-        out = ask(compressor, engine, args.input, args.question, gate=gate, settings=settings,
-                  block_tokens=args.block_tokens, gate_mode=args.gate_mode, store_dir=args.store,
-                  cache_dir=args.cache_dir, progress=False if args.no_progress else None)
+        try:
+            out = ask(compressor, engine, args.input, args.question, gate=gate, settings=settings,
+                      block_tokens=args.block_tokens, gate_mode=args.gate_mode, store_dir=args.store,
+                      cache_dir=args.cache_dir, progress=False if args.no_progress else None)
+        finally:
+            _close(engine)
     except _user_errors() as exc:
         print(f"memcomp ask: {exc}", file=sys.stderr)
         return 2
@@ -290,13 +319,16 @@ def _eval(args: argparse.Namespace) -> int:
         if args.data is not None and not os.path.exists(args.data):
             raise FileNotFoundError(f"--data {args.data}: no such file or folder")
         compressor, engine, gate, settings = _lychee_setup(args, "memcomp eval")
-        cfg = HarnessConfig(systems=systems, generation=settings, block_tokens=args.block_tokens,
-                            chunk_tokens=args.chunk_tokens, gate_mode=args.gate_mode, batch_size=args.batch_size,
-                            store_dir=args.store_dir)
-        items = load_items(args.task, compressor.tokenizer, lengths, data=args.data,
-                           num_questions=args.num_questions, depths=depths, hops=args.hops, seed=args.data_seed)
-        report = run_eval(compressor, engine, items, cfg, gate=gate, progress=False if args.no_progress else None,
-                          task=args.task)
+        try:
+            cfg = HarnessConfig(systems=systems, generation=settings, block_tokens=args.block_tokens,
+                                chunk_tokens=args.chunk_tokens, gate_mode=args.gate_mode, batch_size=args.batch_size,
+                                store_dir=args.store_dir)
+            items = load_items(args.task, compressor.tokenizer, lengths, data=args.data,
+                               num_questions=args.num_questions, depths=depths, hops=args.hops, seed=args.data_seed)
+            report = run_eval(compressor, engine, items, cfg, gate=gate,
+                              progress=False if args.no_progress else None, task=args.task)
+        finally:
+            _close(engine)
     except _user_errors() as exc:
         print(f"memcomp eval: {exc}", file=sys.stderr)
         return 2

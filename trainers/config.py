@@ -231,8 +231,8 @@ class RLSettings:
             raise ValueError("rl.match=exact (the first word verbatim) is for unboxed rule rewards: set rl.boxed=false")
         if self.reward == "judge" and not (self.judge_url and self.judge_model):
             raise ValueError("rl.reward=judge needs rl.judge_url (an OpenAI-compatible endpoint) and rl.judge_model")
-        if self.engine not in ("hf",):
-            raise ValueError(f"rl.engine must be one of: hf (the vLLM engine plugs into memcomp.rl.engine), got "
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"rl.engine must be hf (HF generate) or vllm (memcomp.serving.VLLMEngine), got "
                              f"{self.engine!r}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.engine_batch < 0:
             raise ValueError("rl.temperature > 0, 0 < rl.top_p <= 1 and rl.engine_batch >= 0 needed")

@@ -5,6 +5,6 @@ documents into stored memories, generate from them, OpenAI-compatible where the 
 vLLM is optional and heavy: nothing here imports it until an engine is built (``VLLMEngine`` names the install
 command when it is missing). The service needs FastAPI and uvicorn, which vLLM brings with it."""
 
-from memcomp.serving.engine import EngineFailure, VLLMEngine, vllm_available
+from memcomp.serving.engine import EngineFailure, VLLMEngine, kv_cache_bytes, prompt_embeds_batch, vllm_available
 
-__all__ = ["EngineFailure", "VLLMEngine", "vllm_available"]
+__all__ = ["EngineFailure", "VLLMEngine", "kv_cache_bytes", "prompt_embeds_batch", "vllm_available"]

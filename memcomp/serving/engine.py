@@ -5,7 +5,8 @@ Each request's decoder input is built exactly as ``HFEngine`` builds it -- ``Mem
 one request at a time, so there is no padding, and handed to vLLM as ``{"prompt_embeds": [L, d]}``
 (``enable_prompt_embeds=True``). vLLM then prefills those embeddings and decodes with its own copy of the decoder,
 loaded from a checkpoint of the compressor's decoder written when the engine starts (as
-``MemoryCompressor.save_pretrained`` writes it: FQLoRA layers merged into dense weights).
+``MemoryCompressor.save_pretrained`` writes it: FQLoRA layers merged into dense weights; a tied LM head written as
+its own tensor, see ``update_weights``).
 
 Log-probabilities: vLLM runs with ``logprobs_mode="raw_logprobs"``, the log-softmax of the model's logits before
 any logits processor, temperature or top-p (vLLM's docs: "Raw means the values before applying any logit
@@ -25,6 +26,7 @@ embeddings of the new weights with a decoder of the old ones.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -54,6 +56,48 @@ def vllm_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def kv_cache_bytes(compressor: Any, sequences: int, positions: int) -> int:
+    """Bytes of KV cache that hold ``sequences`` sequences of up to ``positions`` positions each at once in the
+    compressor's decoder: K and V of every layer and KV head, in the decoder's dtype, each sequence rounded up to
+    whole 256-position blocks (vLLM allocates whole blocks: 128 positions on a CPU, 16 by default on a GPU), plus
+    one block vLLM keeps for itself (its null block: without it a cache sized for exactly one 512-position sequence
+    was refused as holding 384), for ``VLLMEngine(kv_cache_memory_bytes=...)``. Beyond it vLLM queues sequences
+    instead of failing.
+
+    Raises ``ValueError`` unless ``sequences`` and ``positions`` are ints >= 1."""
+    for name, v in (("sequences", sequences), ("positions", positions)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"kv_cache_bytes: {name} must be an int >= 1, got {v!r}")
+    mc = compressor.model.config
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+    per_position = 2 * mc.num_hidden_layers * kv_heads * head_dim * compressor.dtype.itemsize
+    return (sequences * -(-positions // 256) + 1) * 256 * per_position
+
+
+def prompt_embeds_batch(compressor: Any, requests: Sequence[GenerationRequest]) -> list[torch.Tensor]:
+    """The decoder inputs ``VLLMEngine`` sends for ``requests``, each ``[L_i, d]`` in the decoder's dtype on the CPU
+    (prefix, memory block, prompt), from one ``build_decoder_inputs`` call: left-padded rows with the padding cut
+    off (an embedding lookup is per position, so each row is what it would be alone).
+
+    One call, one embedding lookup, not one per request: under DeepSpeed ZeRO-3 the embedding's forward hook
+    releases the gathered table after a lookup (the next would gather it again, a collective), and ZeRO-3 traces
+    every module call, which must match across ranks: a DAPO rank without the engine mirrors this call. Peak
+    memory: the padded batch, ``len(requests)`` x the longest x d. Raises what ``build_decoder_inputs`` raises."""
+    comp = compressor
+    # No memory block: zero embeddings lay out no MEM tokens.
+    none = torch.empty(0, comp.hidden_size, device=comp.device, dtype=comp.dtype)
+    memories = [r.memory if r.memory is not None else none for r in requests]
+    prefixes = ([r.prefix if r.prefix is not None else [] for r in requests]
+                if any(r.prefix is not None for r in requests) else None)
+    with torch.no_grad():
+        batch = comp.build_decoder_inputs(memories, [r.prompt for r in requests], padding_side="left",
+                                          prefixes=prefixes)
+    embeds = batch.inputs_embeds.detach().to("cpu")  # [B, L, d]
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    return [embeds[i, embeds.shape[1] - n:].contiguous() for i, n in enumerate(lengths)]
 
 
 class EngineFailure(RuntimeError):
@@ -123,7 +167,22 @@ class VLLMEngine(GenerationEngine):
             # projection file included, and the projection belongs to the encoder, which vLLM does not run.
             from memcomp.fqlora import merged_state_dict
 
-            compressor.model.save_pretrained(checkpoint, state_dict=merged_state_dict(compressor.model))
+            state = merged_state_dict(compressor.model)
+            self._tied = self._tied_names(compressor.model)
+            if self._tied is not None:
+                # vLLM's in-place reload (update_weights) does not refresh a tied LM head: it keeps the head it
+                # loaded (seen on a tied tiny Qwen2: after an update of the embedding table its greedy tokens
+                # left HF's). So the engine's checkpoint unties it: the head is its own tensor there, a copy of
+                # the embedding table, and every update sends both.
+                state = dict(state, **{self._tied[0]: state[self._tied[1]].detach().clone()})
+            compressor.model.save_pretrained(checkpoint, state_dict=state)
+            if self._tied is not None:
+                config_file = os.path.join(checkpoint, "config.json")
+                with open(config_file) as f:
+                    config = json.load(f)
+                config["tie_word_embeddings"] = False
+                with open(config_file, "w") as f:
+                    json.dump(config, f, indent=2)
             self._weight_shapes = self._checkpoint_shapes(checkpoint)
             self._synced_fingerprint = compressor.fingerprint()
             kwargs: dict[str, Any] = dict(max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
@@ -170,6 +229,17 @@ class VLLMEngine(GenerationEngine):
     # ------------------------------------------------------------------------------------------------
 
     @staticmethod
+    def _tied_names(model: Any) -> Optional[tuple[str, str]]:
+        """(LM head weight, embedding weight) state-dict names when the model ties them, else None."""
+        if not getattr(model.config, "tie_word_embeddings", False):
+            return None
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out_emb is None or out_emb.weight is not in_emb.weight:
+            return None
+        names = {id(m): n for n, m in model.named_modules()}
+        return f"{names[id(out_emb)]}.weight", f"{names[id(in_emb)]}.weight"
+
+    @staticmethod
     def _checkpoint_shapes(folder: str) -> dict[str, tuple[int, ...]]:
         from safetensors import safe_open
 
@@ -185,10 +255,11 @@ class VLLMEngine(GenerationEngine):
         """Load new decoder weights into the running engine, without restarting it.
 
         ``state_dict``: every tensor of the engine's checkpoint, by its name there (``model.layers.0...``,
-        ``lm_head.weight`` unless tied), floating point, finite, of the same shapes; None takes the compressor's
-        current decoder weights (``memcomp.fqlora.merged_state_dict``: FQLoRA's adapters merged into dense
-        weights), the call a trainer makes after each optimizer step. vLLM's reload resets every layer it
-        reloads, so a partial update is refused rather than half applied.
+        ``lm_head.weight``, which a model with tied embeddings may leave out: the engine's checkpoint unties it,
+        see ``__init__``), floating point, finite, of the same shapes; None takes the compressor's current decoder
+        weights (``memcomp.fqlora.merged_state_dict``: FQLoRA's adapters merged into dense weights), the call a
+        trainer makes after each optimizer step. vLLM's reload resets every layer it reloads, so a partial update
+        is refused rather than half applied.
 
         Raises ``ValueError`` for missing, unknown, mis-shaped, non-floating or non-finite tensors, and
         ``EngineFailure`` when the engine is closed or dead."""
@@ -204,6 +275,9 @@ class VLLMEngine(GenerationEngine):
         if not isinstance(state_dict, dict):
             raise ValueError(f"update_weights: state_dict must be a dict of tensors, got {type(state_dict).__name__}")
         expected = self._weight_shapes
+        if self._tied is not None and self._tied[0] not in state_dict and self._tied[1] in state_dict:
+            # A tied model's weights by checkpoint names (one table): the engine's untied head is that table.
+            state_dict = dict(state_dict, **{self._tied[0]: state_dict[self._tied[1]]})
         missing = sorted(set(expected) - set(state_dict))
         unknown = sorted(set(state_dict) - set(expected))
         if missing or unknown:
@@ -257,22 +331,22 @@ class VLLMEngine(GenerationEngine):
     def prompt_embeds(self, request: GenerationRequest) -> torch.Tensor:
         """The decoder input of one request, ``[L, d]`` in the decoder's dtype on the CPU: prefix, memory block,
         prompt, laid out by ``build_decoder_inputs`` (no padding: one row). Raises what it raises."""
-        comp = self.compressor
-        memory = request.memory
-        if memory is None:  # no memory block: zero embeddings lay out no MEM tokens
-            memory = torch.empty(0, comp.hidden_size, device=comp.device, dtype=comp.dtype)
-        with torch.no_grad():
-            batch = comp.build_decoder_inputs([memory], [request.prompt], padding_side="left",
-                                              prefixes=[request.prefix] if request.prefix is not None else None)
-        return batch.inputs_embeds[0].detach().to("cpu").contiguous()
+        return self.prompt_embeds_batch([request])[0]
 
-    def sampling_params(self, options: SamplingOptions, *, seed: Optional[int] = None) -> Any:
+    def prompt_embeds_batch(self, requests: Sequence[GenerationRequest]) -> list[torch.Tensor]:
+        """``prompt_embeds_batch(self.compressor, requests)``."""
+        return prompt_embeds_batch(self.compressor, requests)
+
+    def sampling_params(self, options: SamplingOptions, *, seed: Optional[int] = None,
+                        stops: Optional[list[int]] = None) -> Any:
         """``SamplingOptions`` as vLLM ``SamplingParams``: top-k, min-p and penalties off (DAPO samples from the
         whole distribution, as ``HFEngine`` does), the EOS and the stop ids as stop tokens (kept in the output,
-        as ``HFEngine`` keeps them), the sampled token's log-probability when asked."""
+        as ``HFEngine`` keeps them), the sampled token's log-probability when asked. ``stops``: the checked stop
+        ids (``_stop_ids(options)``), computed here when None."""
         from vllm import SamplingParams
 
-        stops = self._stop_ids(options)
+        if stops is None:
+            stops = self._stop_ids(options)
         return SamplingParams(n=options.n, temperature=float(options.temperature), top_p=float(options.top_p),
                               top_k=0, min_p=0.0, max_tokens=options.max_new_tokens, stop_token_ids=stops,
                               ignore_eos=False, seed=seed, logprobs=0 if options.return_logprobs else None,
@@ -297,16 +371,19 @@ class VLLMEngine(GenerationEngine):
         if self.compressor.fingerprint() != self._synced_fingerprint:
             raise RuntimeError("VLLMEngine: the compressor's weights changed since the engine loaded them; call "
                                "engine.update_weights() (after each optimizer step) before generating")
-        stops = set(self._stop_ids(options))
+        # Once, before any prompt embedding: under DeepSpeed ZeRO-3 the embedding's forward hook releases the
+        # gathered table after each lookup, and the stop-id check reads the vocabulary size off that table
+        # (a two-rank DAPO run read 0 after the first request).
+        stop_list = self._stop_ids(options)
+        stops = set(stop_list)
         prompts, params = [], []
-        for i, r in enumerate(requests):
-            emb = self.prompt_embeds(r)
+        for i, emb in enumerate(self.prompt_embeds_batch(requests)):
             if emb.shape[0] + options.max_new_tokens > self.max_model_len:
                 raise ValueError(f"VLLMEngine: request {i} has {emb.shape[0]} prompt positions + max_new_tokens "
                                  f"{options.max_new_tokens} > max_model_len {self.max_model_len}")
             prompts.append({"prompt_embeds": emb})
             seed = None if options.seed is None else options.seed + i * options.n
-            params.append(self.sampling_params(options, seed=seed))
+            params.append(self.sampling_params(options, seed=seed, stops=stop_list))
         try:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as exc:

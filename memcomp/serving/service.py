@@ -16,6 +16,10 @@ Endpoints (errors are ``{"error": {"message", "type", "code"}}``, as OpenAI's):
   ``n``, ``seed``, ``logprobs``) plus ``memory_id`` or ``memory`` (base64), ``prefix`` (text before the memory
   block, e.g. the chat template's headers) and ``stop_token_ids``; string stops are refused (the engines stop on
   token ids).
+* ``POST /v1/chat/completions``: OpenAI's chat request (``messages`` of system / user / assistant turns ending with
+  the user's, ``max_tokens`` or ``max_completion_tokens``, ``temperature``, ``top_p``, ``n``, ``seed``,
+  ``logprobs``) plus the memory as above, rendered with the decoder tokenizer's chat template; the memory block
+  opens the last user message, as in the SFT data. Not streamed; tools refused.
 
 Uploaded memories are checked before anything reaches the model: base64, a size bound on the bytes, safetensors
 only (parsed by safetensors, never unpickled: vLLM's crafted-embedding CVE came from ``torch.load`` on client
@@ -36,9 +40,10 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
@@ -48,6 +53,7 @@ from memcomp.memory import Memory
 from memcomp.rl.engine import GenerationEngine, GenerationRequest, SamplingOptions
 
 ACCEPTED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -195,24 +201,118 @@ class MemoryService:
             raise ServiceError(422, "memory_mismatch", str(exc)) from exc
         return memory
 
-    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """An OpenAI completions request with a memory -> the completions response."""
-        from memcomp.serving.engine import EngineFailure
-
+    def _memory(self, body: dict[str, Any]) -> Optional[Memory]:
+        """The request's memory: ``memory_id`` (stored), ``memory`` (base64, validated) or none."""
         if self.engine is None:
             raise ServiceError(404, "not_found", "this is an encode-only service: no decoder to generate with")
         if body.get("memory_id") is not None and body.get("memory") is not None:
             raise ServiceError(400, "invalid_request_error", "give memory_id or memory, not both")
+        if body.get("memory_id") is not None:
+            return self.lookup(body["memory_id"])
+        if body.get("memory") is not None:
+            return memory_from_base64(body["memory"], self.compressor, self.config)
+        return None
+
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI completions request with a memory -> the completions response."""
+        memory = self._memory(body)
+        results = self._generate(body, memory, body["prompt"], body.get("prefix"), body.get("max_tokens") or 16)
+        choices = []
+        for k, r in enumerate(results):
+            choice: dict[str, Any] = {"index": k, "text": r.text, "finish_reason": r.finish_reason,
+                                      "token_ids": r.token_ids, "logprobs": None}
+            if r.logprobs is not None:
+                choice["logprobs"] = {"token_logprobs": r.logprobs.tolist(), "tokens": r.token_ids}
+            choices.append(choice)
+        n_tokens = sum(r.num_tokens for r in results)
+        return {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "model": body.get("model"),
+                "choices": choices, "usage": {"completion_tokens": n_tokens}}
+
+    def chat_prompt(self, messages: Any, with_memory: bool) -> tuple[Optional[str], str]:
+        """OpenAI chat ``messages`` -> (prefix, prompt) texts through the decoder tokenizer's chat template, with the
+        generation prompt. With a memory, the memory block goes at the start of the last user message, as the SFT
+        data lays it out (ChatML: ``...<|im_start|>user\n`` + memory + ``\n`` + question + ``<|im_end|>...``):
+        the prefix is the rendered text before it, the prompt the text after it. Without one, the prefix is None.
+
+        Messages: a non-empty list of ``{"role": "system" | "user" | "assistant", "content": str}`` (content may
+        also be a list of ``{"type": "text", "text": str}`` parts), ending with a user message. Raises
+        ``ServiceError`` (400) for anything else, or when the tokenizer has no chat template."""
+        def bad(message: str) -> ServiceError:
+            return ServiceError(400, "invalid_request_error", message)
+
+        if not isinstance(messages, list) or not messages:
+            raise bad("messages must be a non-empty list of {role, content} objects")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise bad(f"messages[{i}] must be an object with role and content")
+            role, content = m.get("role"), m.get("content")
+            if role not in CHAT_ROLES:
+                raise bad(f"messages[{i}].role is {role!r}; accepted roles: {', '.join(CHAT_ROLES)} (no tools)")
+            if isinstance(content, list):
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise bad(f"messages[{i}].content parts must all be {{'type': 'text', 'text': str}}")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise bad(f"messages[{i}].content must be a string")
+            clean.append({"role": role, "content": content})
+        if clean[-1]["role"] != "user":
+            raise bad(f"the last message must be the user's (the reply is generated after it), got "
+                      f"{clean[-1]['role']!r}")
+        tok = self.compressor.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ServiceError(400, "invalid_request_error", "the decoder's tokenizer has no chat template: use "
+                                                             "/v1/completions with prefix and prompt")
+        # A marker the messages cannot contain, rendered in place of the memory block, then split at.
+        marker = "<memcomp-memory-" + secrets.token_hex(16) + ">"
+        if with_memory:
+            clean[-1] = {"role": "user", "content": marker + "\n" + clean[-1]["content"]}
+        try:
+            text = tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template's own checks (e.g. role alternation) raise jinja's errors
+            raise bad(f"the chat template refused the messages: {exc}") from exc
+        if not with_memory:
+            return None, text
+        if text.count(marker) != 1:
+            raise ServiceError(500, "internal_error", "the chat template did not render the last user message once")
+        prefix, prompt = text.split(marker)
+        return prefix, prompt
+
+    def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI chat completions request with a memory -> the chat completion response (not streamed)."""
+        unsupported = [k for k in ("tools", "tool_choice", "functions", "function_call", "top_logprobs")
+                       if body.get(k) not in (None, [], 0)]
+        if body.get("stream"):
+            unsupported.append("stream")
+        if body.get("response_format") not in (None, {"type": "text"}):
+            unsupported.append("response_format")
+        if unsupported:
+            raise ServiceError(400, "invalid_request_error", f"not supported here: {unsupported}")
+        memory = self._memory(body)
+        prefix, prompt = self.chat_prompt(body.get("messages"), memory is not None)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        results = self._generate(body, memory, prompt, prefix, max_tokens)
+        tok = self.compressor.tokenizer
+        choices = []
+        for k, r in enumerate(results):
+            logprobs = None
+            if r.logprobs is not None:
+                logprobs = {"content": [{"token": tok.decode([t]), "token_id": t, "logprob": lp, "top_logprobs": []}
+                                        for t, lp in zip(r.token_ids, r.logprobs.tolist())]}
+            choices.append({"index": k, "message": {"role": "assistant", "content": r.text},
+                            "finish_reason": r.finish_reason, "logprobs": logprobs, "token_ids": r.token_ids})
+        return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model"), "choices": choices,
+                "usage": {"completion_tokens": sum(r.num_tokens for r in results)}}
+
+    def _generate(self, body: dict[str, Any], memory: Optional[Memory], prompt: Any, prefix: Any,
+                  max_tokens: Any) -> list[Any]:
+        """One engine call for one request: sampling options from ``body``; engine errors as ``ServiceError``."""
+        from memcomp.serving.engine import EngineFailure
+
         if body.get("stop") is not None:
             raise ServiceError(400, "invalid_request_error", "string stops are not supported; use stop_token_ids")
-        memory: Union[Memory, None]
-        if body.get("memory_id") is not None:
-            memory = self.lookup(body["memory_id"])
-        elif body.get("memory") is not None:
-            memory = memory_from_base64(body["memory"], self.compressor, self.config)
-        else:
-            memory = None
-        max_tokens = body.get("max_tokens") or 16
         if isinstance(max_tokens, int) and max_tokens > self.config.max_new_tokens:
             raise ServiceError(400, "invalid_request_error", f"max_tokens {max_tokens} > the limit "
                                                              f"{self.config.max_new_tokens}")
@@ -222,7 +322,7 @@ class MemoryService:
                                       top_p=body.get("top_p", 1.0), max_new_tokens=max_tokens,
                                       stop_token_ids=tuple(body.get("stop_token_ids") or ()), seed=body.get("seed"),
                                       return_logprobs=want_logprobs)
-            request = GenerationRequest(memory, body["prompt"], prefix=body.get("prefix"))
+            request = GenerationRequest(memory, prompt, prefix=prefix)
         except (TypeError, ValueError) as exc:
             raise ServiceError(400, "invalid_request_error", str(exc)) from exc
         try:
@@ -234,16 +334,7 @@ class MemoryService:
             raise ServiceError(400, "invalid_request_error", str(exc)) from exc
         except Exception as exc:  # the engine broke mid-request: tell the client, keep serving
             raise ServiceError(503, "engine_error", f"generation failed: {type(exc).__name__}: {exc}") from exc
-        choices = []
-        for k, r in enumerate(results):
-            choice: dict[str, Any] = {"index": k, "text": r.text, "finish_reason": r.finish_reason,
-                                      "token_ids": r.token_ids, "logprobs": None}
-            if r.logprobs is not None:
-                choice["logprobs"] = {"token_logprobs": r.logprobs.tolist(), "tokens": r.token_ids}
-            choices.append(choice)
-        n_tokens = sum(r.num_tokens for r in results)
-        return {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "model": body.get("model"),
-                "choices": choices, "usage": {"completion_tokens": n_tokens}}
+        return results
 
 
 def create_app(service: MemoryService) -> Any:
@@ -332,6 +423,13 @@ def create_app(service: MemoryService) -> Any:
         memory = await run_in_threadpool(service.encode, body.get("text"))
         return {"object": "memory", "n_chunks": memory.n_chunks, "num_tokens": memory.num_tokens,
                 "fingerprint": memory.fingerprint, "memory": memory_to_base64(memory)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> dict[str, Any]:
+        body = await json_body(request)
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(service.chat, body)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> dict[str, Any]:

@@ -179,6 +179,31 @@ def test_update_weights_reaches_the_running_engine(tiny):
     assert engine.generate(req, options)[0][0].token_ids == before.token_ids
 
 
+def test_update_weights_of_a_tied_model_reaches_the_lm_head(smollm2_engine):
+    """SmolLM2 ties its LM head to the embedding table. vLLM's in-place reload does not refresh a tied head, so the
+    engine's checkpoint unties it: after a push that changes the table, vLLM's logits (the head) follow it too."""
+    comp, engine = smollm2_engine
+    assert engine._tied is not None and comp.model.lm_head.weight is comp.model.get_input_embeddings().weight
+    req = [GenerationRequest(None, CHAT_SUFFIX, prefix=CHAT_PREFIX)]
+    options = SamplingOptions(temperature=0, max_new_tokens=6, return_logprobs=True)
+    before = engine.generate(req, options)[0][0]
+    table = comp.model.get_input_embeddings().weight
+    saved = table.detach().clone()
+    try:
+        with torch.no_grad():  # the prompt's embeddings and the head both change
+            table.add_(0.5 * saved.std() * torch.randn(saved.shape, generator=torch.Generator().manual_seed(0)))
+        engine.update_weights()
+        after = engine.generate(req, options)[0][0]
+        assert_same_as_hf(comp, engine, req, options)
+        moved = float((after.logprobs[0] - before.logprobs[0]).abs())
+        assert after.token_ids != before.token_ids or moved > 10 * LOGPROB_ATOL, moved  # the push changed vLLM
+    finally:
+        with torch.no_grad():
+            table.copy_(saved)
+        engine.update_weights()
+    assert engine.generate(req, options)[0][0].token_ids == before.token_ids
+
+
 def test_bad_input_is_refused_before_vllm(tiny, base_tokenizer):
     comp, engine = tiny
     tok = copy.deepcopy(base_tokenizer)

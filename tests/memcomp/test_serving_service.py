@@ -1,7 +1,8 @@
 """memcomp.serving.service over real HTTP: a server started by the test on 127.0.0.1 (a free port) and stopped by
 it, a real client (httpx). Encode -> store -> complete by id; encode-only -> upload elsewhere; the bad-input list
 (oversized, non-finite, wrong-dtype, wrong-width embeddings; an unknown id; another compressor's memory; malformed
-requests; the engine dying mid-request) each answered with a clear error while the service stays up.
+requests; the engine dying mid-request) each answered with a clear error while the service stays up; chat completions
+through the tokenizer's chat template, with the memory by id, inline or none, and their bad requests.
 
 The engine here is HFEngine on a tiny random compressor (the service logic does not depend on the engine;
 tests/memcomp/test_serving_engine.py holds VLLMEngine to HFEngine's outputs). Needs FastAPI, uvicorn and httpx,
@@ -25,6 +26,10 @@ from memcomp.rl.engine import GenerationRequest, HFEngine, SamplingOptions  # no
 from memcomp.serving.engine import EngineFailure  # noqa: E402
 from memcomp.serving.service import MemoryService, ServerHandle, ServiceConfig, create_app, memory_to_base64  # noqa: E402
 
+# A plain ChatML chat template (Qwen's, without its tool branches): /v1/chat/completions renders messages with it.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
 
 class FlakyEngine(HFEngine):
     """HFEngine that fails on demand, as a vLLM engine whose process died mid-request does."""
@@ -42,6 +47,7 @@ def served(base_tokenizer):
     from testutil import tiny_model
 
     tok = copy.deepcopy(base_tokenizer)
+    tok.chat_template = CHATML
     comp = MemoryCompressor.from_base(tiny_model(tok), tok, CompressorConfig(chunk_size=4))
     engine = FlakyEngine(comp)
     service = MemoryService(comp, engine, ServiceConfig(max_memory_chunks=32, max_new_tokens=32,
@@ -189,3 +195,86 @@ def test_encode_only_service_has_no_completions(served):
     data = base64.b64decode(blob)
     header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
     assert header["__metadata__"]["fingerprint"] == comp.fingerprint()
+
+
+def test_chat_completions_with_a_memory_by_id_inline_and_none(served):
+    """The chat template renders the conversation; the memory block opens the last user message (the SFT layout:
+    ``<|im_start|>user\n`` + memory + ``\n`` + question); the reply is what HFEngine generates for exactly that
+    prefix and prompt, spelled out here by hand."""
+    comp, _, _, client = served
+    mem = client.post("/v1/memories", json={"text": TEXTS[0]}).json()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": [{"type": "text", "text": "What does it say?"}]}]
+    history = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+               "<|im_start|>assistant\nHello.<|im_end|>\n")
+    prefix, prompt = history + "<|im_start|>user\n", "\nWhat does it say?<|im_end|>\n<|im_start|>assistant\n"
+    options = SamplingOptions(temperature=0, max_new_tokens=6, return_logprobs=True)
+    expected = HFEngine(comp).generate([GenerationRequest(comp.encode(TEXTS[0]), prompt, prefix=prefix)],
+                                       options)[0][0]
+    r = client.post("/v1/chat/completions", json={"model": "m", "messages": messages, "memory_id": mem["id"],
+                                                  "max_tokens": 6, "temperature": 0, "logprobs": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == "m"
+    choice = out["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": expected.text}
+    assert choice["token_ids"] == expected.token_ids and choice["finish_reason"] == expected.finish_reason
+    lps = choice["logprobs"]["content"]
+    assert [x["token_id"] for x in lps] == expected.token_ids
+    torch.testing.assert_close(torch.tensor([x["logprob"] for x in lps]), expected.logprobs)
+    # The same memory inline (base64, as /v1/encode returns it) answers the same.
+    blob = client.post("/v1/encode", json={"text": TEXTS[0]}).json()["memory"]
+    inline = client.post("/v1/chat/completions", json={"messages": messages, "memory": blob,
+                                                       "max_completion_tokens": 6, "temperature": 0}).json()
+    assert inline["choices"][0]["token_ids"] == expected.token_ids
+    # No memory: the whole rendered conversation is the prompt.
+    plain = HFEngine(comp).generate([GenerationRequest(None, history + "<|im_start|>user\nWhat does it say?"
+                                                       "<|im_end|>\n<|im_start|>assistant\n")], options)[0][0]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == plain.token_ids
+    # The memory changed what the decoder saw: the reply's first-token log-probability moved (so a service that
+    # dropped the memory could not have matched ``expected`` above).
+    assert abs(float(expected.logprobs[0] - plain.logprobs[0])) > 1e-3
+
+
+def test_chat_completions_bad_requests(served):
+    _, _, _, client = served
+    user = [{"role": "user", "content": "Hi"}]
+    assert "messages" in error_of(client.post("/v1/chat/completions", json={"max_tokens": 3}), 400)["message"]
+    error_of(client.post("/v1/chat/completions", json={"messages": []}), 400)
+    err = error_of(client.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]}), 400)
+    assert "role" in err["message"] and "'tool'" in err["message"]
+    error_of(client.post("/v1/chat/completions", json={"messages": [{"content": "no role"}]}), 400)
+    err = error_of(client.post("/v1/chat/completions", json={"messages": user + [
+        {"role": "assistant", "content": "Hello."}]}), 400)
+    assert "last message" in err["message"]
+    error_of(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]}), 400)
+    error_of(client.post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
+    err = error_of(client.post("/v1/chat/completions", json={"messages": user, "memory_id": "mem-unknown"}), 404)
+    assert err["type"] == "memory_not_found" and "mem-unknown" in err["message"]
+    assert "stream" in error_of(client.post("/v1/chat/completions", json={"messages": user, "stream": True}),
+                                400)["message"]
+    assert "tools" in error_of(client.post("/v1/chat/completions", json={"messages": user, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}), 400)["message"]
+    error_of(client.post("/v1/chat/completions", json={"messages": user, "stop": ["x"]}), 400)
+    error_of(client.post("/v1/chat/completions", json={"messages": user, "memory": "not base64!"}), 422)
+    r = client.post("/v1/chat/completions", json={"messages": user, "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"  # still serving
+
+
+def test_chat_completions_need_a_chat_template(served):
+    comp, engine, service, _ = served
+    tok = copy.deepcopy(comp.tokenizer)
+    tok.chat_template = None
+    bare = MemoryService(MemoryCompressor(comp.model, tok, comp.config, comp.projection), engine)
+    server = ServerHandle(create_app(bare))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            err = error_of(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}),
+                           400)
+            assert "no chat template" in err["message"]
+    finally:
+        server.stop()
