@@ -13,7 +13,7 @@
 # they are removed. Text-only decoders need none of them.
 #
 # Usage: scripts/setup_serving.sh [VENV_DIR]   (default: .venv-serving beside the checkout)
-#        then: VENV_DIR/bin/python -m pytest tests/memcomp/test_serving_engine.py tests/memcomp/test_serving_service.py
+#        then: VENV_DIR/bin/python -m pytest tests/memcomp/test_serving_*.py
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$repo/.venv-serving}"
