@@ -35,12 +35,17 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"memcomp demo: device=cuda but CUDA is not available{why}", file=sys.stderr)
         return 2
     if args.stage in ("sft", "rl", "lychee") and not os.path.isdir(cfg.compressor.init_from):
-        previous = {"sft": ("CPT", "memcomp demo"), "rl": ("SFT", "memcomp demo --stage sft"),
-                    "lychee": ("CPT", "memcomp demo")}[args.stage]
+        preset = "" if args.preset == "tiny" else f" --preset {args.preset}"
+        previous = {"sft": ("CPT", f"memcomp demo{preset}"), "rl": ("SFT", f"memcomp demo{preset} --stage sft"),
+                    "lychee": ("CPT", f"memcomp demo{preset}")}[args.stage]
         print(f"memcomp demo --stage {args.stage} continues from the {previous[0]} demo: {cfg.compressor.init_from} "
               f"not found; run `{previous[1]}` first (or pass init_from=...)", file=sys.stderr)
         return 2
-    s = run(args.preset, args.stage, args.overrides)
+    try:
+        s = run(args.preset, args.stage, args.overrides)
+    except (ValueError, FileExistsError) as exc:  # a bad setting, or a folder that is not this run's: nothing lost
+        print(f"memcomp demo: error: {exc}", file=sys.stderr)
+        return 2
     if args.stage == "rl":
         return _print_rl(args, s)
     if args.stage == "lychee":
@@ -79,8 +84,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _print_lychee(args: argparse.Namespace, s: dict) -> int:
     st = s["settings"]
-    print(f"\nmemcomp demo, lychee ({args.preset}, {s['compression']} compression, {s['parameters'] / 1e6:.1f}M params; "
-          f"reasoner SFT {s['train_seconds'] / 60:.1f} min, gate {s['gate_seconds'] / 60:.1f} min, evaluation "
+    print(f"\nmemcomp demo, lychee ({args.preset}, {s['compression']} compression, "
+          f"{s['parameters'] / 1e6:.1f}M params; reasoner SFT {s['train_seconds'] / 60:.1f} min, "
+          f"gate {s['gate_seconds'] / 60:.1f} min, evaluation "
           f"{s['eval_seconds'] / 60:.1f} min; this run {s['invocation_seconds'] / 60:.1f} min)")
     print(f"  synthetic task: {st['hops']}-hop questions over {st['context_tokens']}-token contexts; blocks of "
           f"{st['block_tokens']} tokens, MemAgent chunks of {st['chunk_tokens']}; greedy")
@@ -97,9 +103,9 @@ def _print_lychee(args: argparse.Namespace, s: dict) -> int:
     for r in s["ratios_vs_memagent"]:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "n/a"
         prefill = f"{r['prefill_ratio']:.2f}x" if r["prefill_ratio"] else "n/a"
-        mem = "" if rss or not r["peak_memory_ratio"] else f", {r['peak_memory_ratio']:.2f}x lower peak memory"
-        print(f"  LycheeMemory vs MemAgent at {r['length']} tokens: {speed} faster per question, {prefill} fewer "
-              f"positions prefilled{mem}")
+        mem = "" if rss or not r["peak_memory_ratio"] else f", peak memory {r['peak_memory_ratio']:.2f}x"
+        print(f"  MemAgent / LycheeMemory at {r['length']} tokens (above 1: LycheeMemory costs less): time per "
+              f"question {speed}, positions prefilled {prefill}{mem}")
     if rss:
         print("  (peak memory on a CPU is the growth of the process's peak RSS over a call: with a 3.5M-parameter "
               "model it is allocator noise, not a comparison)")

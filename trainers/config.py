@@ -99,8 +99,8 @@ class OptimSettings:
 @dataclass(frozen=True)
 class DataSettings:
     """JSONL data, read streaming: ``{"text"}`` documents, ``{"context", "question", "answer"}`` QA (DAPO:
-    ``"answers"``, a list), ``{"text", "summary"}``, reasoner traces (``memcomp.lychee.traces``). ``mixture``: a task mixture other than the stage's
-    (``memcomp.data.MIXTURES``)."""
+    ``"answers"``, a list), ``{"text", "summary"}``, reasoner traces (``memcomp.lychee.traces``). ``mixture``: a
+    task mixture other than the stage's (``memcomp.data.MIXTURES``)."""
 
     mixture: str = ""
     prompt_format: str = "flat"
@@ -323,11 +323,13 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()})
 
 
-def options_help(cfg_type: type, cfg: Any = None, recipe_name: str = "") -> str:
+def options_help(cfg_type: type, cfg: Any = None, recipe_name: str = "", recipes: bool = True) -> str:
     """The ``key=value`` options of a config type: with ``cfg`` (a recipe's config), the values that recipe
-    runs with; else the types' defaults (a recipe sets many of them)."""
+    runs with; else the types' defaults (a recipe sets many of them; ``recipes=False`` for a command without
+    recipes)."""
     where = (f"the values of --recipe {recipe_name}" if cfg is not None
-             else "the defaults; the recipe's values replace them (add --recipe R to --help to see them)")
+             else "the defaults; the recipe's values replace them (add --recipe R to --help to see them)" if recipes
+             else "their defaults")
     lines = [f"options (section.key=value, or key=value where the key is unique), with {where}:"]
     for f in dataclasses.fields(cfg_type):
         if f.default_factory is dataclasses.MISSING:

@@ -8,15 +8,12 @@ phase 2 (continuation, QA, summarization, reconstruction + plain LM); encoder, p
 
 import sys
 
-from memcomp.trainers.config import config_from_cli
-from memcomp.trainers.distributed import finish
+from memcomp.trainers.distributed import run_cli
 from memcomp.trainers.loop import train
 
 
 def main(argv=None) -> int:
-    train(config_from_cli("python -m memcomp.trainers.cpt", ("cpt1", "cpt2"), argv))
-    finish()  # on success only: after a failure a barrier could wait for a dead rank
-    return 0
+    return run_cli("python -m memcomp.trainers.cpt", ("cpt1", "cpt2"), argv, train)
 
 
 if __name__ == "__main__":

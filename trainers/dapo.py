@@ -39,8 +39,8 @@ from memcomp.trainers.checkpoint import (
     save_checkpoint,
     save_deepspeed_checkpoint,
 )
-from memcomp.trainers.config import DAPOConfig, config_from_cli
-from memcomp.trainers.distributed import all_reduce, finish, rank_world, setup_deepspeed, wants_deepspeed
+from memcomp.trainers.config import DAPOConfig
+from memcomp.trainers.distributed import all_reduce, rank_world, run_cli, setup_deepspeed, wants_deepspeed
 from memcomp.trainers.loop import RunLog, check_data_files, optimizer_step, start_process
 from memcomp.trainers.recipes import prepare
 
@@ -402,9 +402,7 @@ def _from_rank0(groups: list[Group]) -> list[Group]:
 
 
 def main(argv=None) -> int:
-    train(config_from_cli("python -m memcomp.trainers.dapo", ("dapo",), argv))
-    finish()  # on success only: after a failure a barrier could wait for a dead rank
-    return 0
+    return run_cli("python -m memcomp.trainers.dapo", ("dapo",), argv, train)
 
 
 if __name__ == "__main__":

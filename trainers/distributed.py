@@ -89,3 +89,28 @@ def finish() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def run_cli(prog: str, stages: tuple[str, ...], argv, train) -> int:
+    """A trainer's command line: parse the options (``config_from_cli``), train, ``finish()``. A bad option or value
+    (``ValueError``), bad or missing data (``DataError``), a missing file (``FileNotFoundError``, e.g. ``init_from``)
+    or a data folder that is not the demo's (``FileExistsError``) is printed as one line naming it, exit status 2,
+    as argparse does for its own errors; anything else propagates with its traceback."""
+    import sys
+
+    from memcomp.trainers.config import config_from_cli
+
+    from memcomp.data import DataError
+
+    try:
+        cfg = config_from_cli(prog, stages, argv)
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    except (DataError, FileNotFoundError, FileExistsError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    finish()  # on success only: after a failure a barrier could wait for a dead rank
+    return 0

@@ -1,4 +1,4 @@
-"""Train LycheeMemory's gate (issue 12, deliverable 2) over ``memcomp.lychee.gate.train_gate``.
+"""Train LycheeMemory's gate (seeds 000 / 001: a classifier trained apart) over ``memcomp.lychee.gate.train_gate``.
 
     python -m memcomp.trainers.gate run.init_from=runs/demo/cpt/compressor
     python -m memcomp.trainers.gate init_from=DIR data.source=labelled.jsonl out_dir=runs/gate target_recall=0.98
@@ -256,7 +256,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m memcomp.trainers.gate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=options_help(GateRunConfig))
+                                epilog=options_help(GateRunConfig, recipes=False))
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any option below (JSON values, else strings)")
     args = p.parse_args(argv)
     try:

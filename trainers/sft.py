@@ -9,15 +9,12 @@ LycheeMemory reasoner's SFT on ideal working-memory traces (``memcomp.lychee.tra
 
 import sys
 
-from memcomp.trainers.config import config_from_cli
-from memcomp.trainers.distributed import finish
+from memcomp.trainers.distributed import run_cli
 from memcomp.trainers.loop import train
 
 
 def main(argv=None) -> int:
-    train(config_from_cli("python -m memcomp.trainers.sft", ("sft", "reasoner"), argv))
-    finish()  # on success only: after a failure a barrier could wait for a dead rank
-    return 0
+    return run_cli("python -m memcomp.trainers.sft", ("sft", "reasoner"), argv, train)
 
 
 if __name__ == "__main__":

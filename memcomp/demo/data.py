@@ -10,6 +10,9 @@ import os
 import random
 from typing import Any
 
+# Marks a data folder as the demo's own (its files may be rewritten); a folder without it is never written into.
+MARKER = ".memcomp-demo-data"
+
 
 def demo_data_dir(out_dir: str) -> str:
     """Where a demo run's data live: ``out_dir/../data`` (shared by the CPT, SFT and RL stages)."""
@@ -17,7 +20,8 @@ def demo_data_dir(out_dir: str) -> str:
 
 
 def prepare_demo_data(cfg: Any) -> Any:
-    """Write the demo data under ``demo_data_dir(cfg.run.out_dir)`` once (reused when present) and return ``cfg``
+    """Write the demo data under ``demo_data_dir(cfg.run.out_dir)`` once (reused when present; never into a folder
+    holding files it did not write: ``FileExistsError``, nothing changed) and return ``cfg``
     with its empty data paths (and, for the tiny model, ``compressor.tokenizer_dir``) pointing at them. ``cfg``:
     a trainer config (``memcomp.trainers.config``: sections ``compressor``, ``data``, ``run``)."""
     from memcomp.demo.corpus import stdlib_passages
@@ -28,7 +32,19 @@ def prepare_demo_data(cfg: Any) -> Any:
     paths = {k: os.path.join(data, f"{k}.jsonl") for k in ("train", "heldout", "qa_train", "qa_heldout")}
     c = cfg.compressor
     tokenizer_dir = "" if c.model_dir else os.path.join(data, "tokenizer")
-    if not all(os.path.isfile(p) for p in paths.values()) or (tokenizer_dir and not os.path.isdir(tokenizer_dir)):
+    complete = all(os.path.isfile(p) for p in paths.values()) and not (tokenizer_dir and not os.path.isdir(
+        tokenizer_dir))
+    marker = os.path.join(data, MARKER)
+    if not complete and not os.path.isfile(marker):
+        # A folder memcomp did not write: never overwrite what a user keeps beside out_dir.
+        theirs = sorted(os.path.basename(p) for p in [*paths.values(), tokenizer_dir] if p and os.path.exists(p))
+        if theirs:
+            raise FileExistsError(
+                f"{data} holds {', '.join(theirs)}, which the demo data did not write; the demo recipes keep their "
+                f"corpus in <out_dir>/../data: choose another out_dir= (nothing was changed)")
+    if not complete:
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write("Written by memcomp.demo.data.prepare_demo_data: the demo corpus, QA and tokenizer.\n")
         splits = stdlib_passages()
         for split in ("train", "heldout"):
             write_jsonl(paths[split], [{"text": t} for t in splits[split]])

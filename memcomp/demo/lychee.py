@@ -120,19 +120,25 @@ def prepare_reasoner_data(cfg: Any, settings: Optional[LycheeDemoSettings] = Non
     d = cfg.data
     if d.trace_file and d.val_trace_file:
         return cfg
-    tok_dir = cfg.compressor.tokenizer_dir or cfg.compressor.model_dir
+    from memcomp.lychee.store import tokenizer_digest
+
+    # The records hold token ids: they must come from the tokenizer of the compressor that trains on them (the one
+    # init_from names when given), and a file written under another vocabulary is never reused (the digest).
+    c = cfg.compressor
+    if c.init_from:
+        tokenizer = AutoTokenizer.from_pretrained(c.init_from)
+    elif c.tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(c.tokenizer_dir)
+    else:
+        from memcomp.models import load_pretrained
+
+        tokenizer = load_pretrained(c.model_dir)[1]
     key = (f"h{settings.hops}-x{settings.num_confusers}-L{settings.context_tokens}-b{settings.block_tokens}"
-           f"-c{settings.chunk_tokens}")
+           f"-c{settings.chunk_tokens}-t{tokenizer_digest(tokenizer)}")
     folder = os.path.join(demo_data_dir(cfg.run.out_dir), "lychee")
     paths = {"train": os.path.join(folder, f"traces-{key}-n{settings.train_examples}.jsonl"),
              "val": os.path.join(folder, f"traces-{key}-val{settings.val_examples}.jsonl")}
     if not all(os.path.isfile(p) for p in paths.values()):
-        if tok_dir:
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        else:
-            from memcomp.models import load_tokenizer
-
-            tokenizer = load_tokenizer(cfg.compressor.model_dir)
         os.makedirs(folder, exist_ok=True)
         trace_cfg = TraceConfig(block_tokens=settings.block_tokens, chunk_tokens=settings.chunk_tokens)
         for split, distractors, count, seed in (("train", "train", settings.train_examples, 1),
@@ -141,6 +147,28 @@ def prepare_reasoner_data(cfg: Any, settings: Optional[LycheeDemoSettings] = Non
             write_jsonl(paths[split], trace_records(examples, tokenizer, trace_cfg, seed=seed))
     return dataclasses.replace(cfg, data=dataclasses.replace(d, trace_file=d.trace_file or paths["train"],
                                                              val_trace_file=d.val_trace_file or paths["val"]))
+
+
+def _check_same_settings(out_dir: str, settings: LycheeDemoSettings) -> None:
+    """A lychee run folder belongs to one set of settings: rerunning it with others would resume the old reasoner
+    and overwrite its results with a mix. Records the settings on the first run; raises ``ValueError`` naming the
+    differences on a later one with other settings."""
+    path = os.path.join(out_dir, "lychee_settings.json")
+    mine = dataclasses.asdict(settings)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            theirs = json.load(f)
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(f"{out_dir} holds a lychee run with other settings ({shown}); pass out_dir=<new folder> "
+                             "to run with these (nothing was changed)")
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(mine, f, indent=2)
+    os.replace(tmp, path)
 
 
 def call_accuracy(comp: Any, path: str, *, max_new_tokens: int, batch_size: int = 16) -> dict[str, Any]:
@@ -185,13 +213,13 @@ def run_lychee(preset: str = "tiny", overrides: Optional[list[str]] = None, *,
     import torch
 
     from memcomp.compressor import MemoryCompressor
+    from memcomp.demo.data import prepare_demo_data
     from memcomp.demo.run import make_config
     from memcomp.lychee.gate import GateConfig, GateTrainConfig, evaluate_gate, gate_examples_from_synthetic, train_gate
     from memcomp.lychee.harness import HarnessConfig, format_table, load_items, ratios, run_eval, write_report
     from memcomp.lychee.reasoner import GenerationSettings
     from memcomp.rl.engine import HFEngine
     from memcomp.trainers.loop import train
-    from memcomp.trainers.recipes import prepare
 
     t0 = time.time()
     settings, rest = lychee_settings(preset, list(overrides or []))
@@ -199,8 +227,10 @@ def run_lychee(preset: str = "tiny", overrides: Optional[list[str]] = None, *,
     if not os.path.isdir(cfg.compressor.init_from):
         raise FileNotFoundError(f"the lychee stage continues from the CPT demo: {cfg.compressor.init_from} not found; "
                                 "run `memcomp demo` first (or pass init_from=...)")
-    # The records for these settings, named in the config before the trainer's own preparation (which keeps them).
-    cfg = prepare_reasoner_data(prepare(cfg), settings)
+    # The records for these settings, named in the config before the trainer's own preparation (which keeps files
+    # already named, so it cannot write default-settings records in their place).
+    cfg = prepare_reasoner_data(prepare_demo_data(cfg), settings)
+    _check_same_settings(cfg.run.out_dir, settings)
     result = train(cfg)
     comp: MemoryCompressor = result.pop("compressor")
     comp.eval()

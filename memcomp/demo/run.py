@@ -32,6 +32,9 @@ PRESETS: dict[str, list[str]] = {
     # The real SmolLM2-135M-Instruct (recipe smollm2): one GPU, under 10 minutes (the recipe's time_limit_min).
     "smollm2": [],
 }
+# Presets of another model size or vocabulary than the default: their runs and data live under runs/demo-<preset>/
+# (a smoke run in runs/demo/ would be resumed by the real demo, with the smoke tokenizer).
+SEPARATE_PRESETS = ("smoke", "small")
 # The RL stage's additions to a preset (the trainer options of the dapo stage only). Smoke: tiny groups and
 # dynamic sampling off (a barely trained smoke model answers nothing right, so every group would be dropped).
 RL_PRESETS: dict[str, list[str]] = {
@@ -82,6 +85,11 @@ def make_config(preset: str = "tiny", stage: str = "cpt", overrides: list[str] |
         options["eval_passages"], options["eval_questions"] = 4, 6
     cfg = recipe(PRESET_RECIPES.get(preset, "tiny_cpu"), RECIPE_STAGE[stage])
     cfg = apply_overrides(cfg, PRESETS[preset] + (RL_PRESETS.get(preset, []) if stage == "rl" else []) + rest)
+    named = any(item.partition("=")[0] in ("out_dir", "run.out_dir") for item in rest)
+    if preset in SEPARATE_PRESETS and not named and cfg.run.out_dir.startswith("runs/demo/"):
+        # Another model and tokenizer than the default demo's: its own folders, so neither resumes the other's run.
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(
+            cfg.run, out_dir=cfg.run.out_dir.replace("runs/demo/", f"runs/demo-{preset}/", 1)))
     if stage in PREVIOUS_STAGE and not cfg.compressor.init_from:
         cfg = dataclasses.replace(cfg, compressor=dataclasses.replace(cfg.compressor, init_from=os.path.join(
             os.path.dirname(cfg.run.out_dir), PREVIOUS_STAGE[stage], "compressor")))

@@ -543,7 +543,9 @@ class LycheeReasoner:
             if need > self.window:
                 raise ValueError(f"LycheeReasoner.answer: question {i}: an update step needs up to {need} positions "
                                  f"(template {overhead} + block memory {block} + question {len(q)} + memory {mem} + "
-                                 f"new memory {mem}), more than the model's window of {self.window}")
+                                 f"new memory {mem}), more than the model's window of {self.window}: use smaller "
+                                 "blocks (BlockStoreConfig.block_tokens, memcomp ask/eval --block-tokens) or a smaller "
+                                 "working-memory cap (GenerationSettings.memory_tokens, --memory-tokens)")
 
     def _update_request(self, w: _Walk, p: _Pick) -> GenerationRequest:
         prefix, prompt = self.prompts.lychee_update(w.question_ids, w.memory_ids)

@@ -165,8 +165,8 @@ def trace_sample(rec: dict[str, Any], prompts: Any, end: Sequence[int]) -> Any:
     """The ``memcomp.tasks.Sample`` of one record, laid out exactly as the system builds that call at inference:
     ``lychee_update``: before = the LycheeMemory prefix, context = the block's tokens (compressed in the trainer's
     forward), after = the update prompt; the plain-text kinds: their whole prompt as ``after``, no memory. The
-    target is ``rec["target"]`` tokenized, then ``end`` (``turn_end_ids``: the token the engines stop on). ``prompts``: a
-    ``memcomp.lychee.prompts.Prompts`` over the compressor's tokenizer.
+    target is ``rec["target"]`` tokenized, then ``end`` (``turn_end_ids``: the token the engines stop on).
+    ``prompts``: a ``memcomp.lychee.prompts.Prompts`` over the compressor's tokenizer.
 
     Raises ``ValueError`` naming the fault for a record ``check_trace_record`` rejects."""
     from memcomp.tasks import Sample

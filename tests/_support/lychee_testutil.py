@@ -10,6 +10,7 @@ import torch
 from memcomp.lychee.gate import Gate
 from memcomp.rl.engine import GenerationEngine, GenerationResult
 
+
 def touch_fresh_pages(nbytes):
     """Map ``nbytes`` of fresh anonymous memory, write every page, unmap it: the process's RSS grows by ``nbytes``
     whatever the allocator holds in reserve (a freed heap region reused by torch.ones would not raise it)."""

@@ -166,8 +166,49 @@ def test_demo_smoke_lychee(tmp_path, capsys):
     assert ly["config"]["compressor"]["init_from"].endswith("cpt/compressor") and ly["settings"]["eval_questions"] == 4
     assert (out / "lychee" / "gate").is_dir() and (out / "lychee" / "eval.md").is_file()
     assert "LycheeMemory vs MemAgent" in printed and "| lychee-nogate |" in printed
+    # The stage's settings reach the reasoner's records (the smoke preset's, not the defaults).
+    assert "-L96-b32-c32-" in ly["config"]["data"]["trace_file"] and calls["final_answer"]["n"] == 2
+    # Rerunning the folder with other settings would mix two runs: refused, nothing changed.
+    before = (out / "lychee" / "summary.json").read_text()
+    assert main(["demo", "--preset", "smoke", "--stage", "lychee", "lychee.hops=2",
+                 f"out_dir={json.dumps(str(out / 'lychee'))}"]) == 2
+    assert "other settings (hops 1 -> 2)" in capsys.readouterr().err
+    assert (out / "lychee" / "summary.json").read_text() == before
     assert main(["demo", "--preset", "smoke", "--stage", "lychee", "lychee.bogus=1"]) == 2
     assert "unknown lychee option" in capsys.readouterr().err
     assert main(["demo", "--preset", "smoke", "--stage", "lychee",
                  f"out_dir={json.dumps(str(tmp_path / 'nowhere' / 'lychee'))}"]) == 2
     assert "continues from the CPT demo" in capsys.readouterr().err
+
+
+def test_presets_of_other_models_keep_their_own_folders():
+    """A smoke run in runs/demo/ would be resumed by the real demo (another model and tokenizer): the smoke and small
+    presets live under runs/demo-<preset>/, each stage continuing from its own preset's previous stage."""
+    cfg, _ = make_config("smoke", "cpt")
+    assert cfg.run.out_dir == "runs/demo-smoke/cpt"
+    lychee, _ = make_config("smoke", "lychee")
+    assert lychee.run.out_dir == "runs/demo-smoke/lychee"
+    assert lychee.compressor.init_from == "runs/demo-smoke/cpt/compressor"
+    assert make_config("tiny", "sft")[0].compressor.init_from == "runs/demo/cpt/compressor"
+    assert make_config("smoke", "cpt", ["out_dir=elsewhere/cpt"])[0].run.out_dir == "elsewhere/cpt"
+
+
+def test_demo_data_never_overwrites_a_users_folder(tmp_path):
+    """The recipes write their corpus to <out_dir>/../data; a folder there holding files the demo did not write is
+    refused, its files untouched (it used to be overwritten when any demo file was missing)."""
+    from memcomp.demo.data import prepare_demo_data
+
+    (tmp_path / "data").mkdir()
+    mine = tmp_path / "data" / "train.jsonl"
+    mine.write_text('{"text": "my own corpus"}\n')
+    cfg, _ = make_config("smoke", "cpt", [f"out_dir={json.dumps(str(tmp_path / 'out'))}"])
+    with pytest.raises(FileExistsError, match="train.jsonl, which the demo data did not write"):
+        prepare_demo_data(cfg)
+    assert mine.read_text() == '{"text": "my own corpus"}\n'
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train.jsonl"]
+    # The demo's own folder is filled in and reused.
+    cfg, _ = make_config("smoke", "cpt", [f"out_dir={json.dumps(str(tmp_path / 'demo' / 'out'))}"])
+    prepare_demo_data(cfg)
+    (tmp_path / "demo" / "data" / "qa_train.jsonl").unlink()
+    prepare_demo_data(cfg)
+    assert (tmp_path / "demo" / "data" / "qa_train.jsonl").is_file()

@@ -78,7 +78,8 @@ def test_samples_are_the_calls_the_systems_make(make_compressor, tmp_path):
 
     store = BlockStore.build(comp, ex.context, tmp_path / "s", BlockStoreConfig(block_tokens=B), progress=False)
     engine = ScriptedEngine(tok, _ideal_respond(memories))
-    (res,) = LycheeReasoner(comp, engine, config=ReasonerConfig(generation=SETTINGS, window=WINDOW)).answer([ex.question], [store])
+    reasoner = LycheeReasoner(comp, engine, config=ReasonerConfig(generation=SETTINGS, window=WINDOW))
+    (res,) = reasoner.answer([ex.question], [store])
     updates = [req for reqs, _ in engine.calls for req in reqs if req.memory is not None]
     assert len(updates) == len(store) == blocks.num_blocks
     for k, (req, s) in enumerate(zip(updates, samples["lychee_update"])):
@@ -93,7 +94,8 @@ def test_samples_are_the_calls_the_systems_make(make_compressor, tmp_path):
 
     chunks = example_blocks(ex, tok, B)
     engine = ScriptedEngine(tok, _ideal_respond(memory_trace(ex, chunks, list(range(chunks.num_blocks))).memories))
-    MemAgent(comp, engine, MemAgentConfig(generation=SETTINGS, chunk_tokens=B, window=WINDOW)).answer([ex.question], [ex.context])
+    memagent = MemAgent(comp, engine, MemAgentConfig(generation=SETTINGS, chunk_tokens=B, window=WINDOW))
+    memagent.answer([ex.question], [ex.context])
     reqs = [req for rs, _ in engine.calls for req in rs]
     assert [list(r.prompt) for r in reqs[:-1]] == [s.after for s in samples["memagent_update"]]
     assert list(reqs[-1].prompt) == samples["final_answer"][0].after
