@@ -149,16 +149,22 @@ def prepare_reasoner_data(cfg: Any, settings: Optional[LycheeDemoSettings] = Non
                                                              val_trace_file=d.val_trace_file or paths["val"]))
 
 
+# The settings the reasoner is trained with (the records); the others (gate, evaluation) are redone on every run.
+TRAINING_SETTINGS = ("context_tokens", "block_tokens", "chunk_tokens", "hops", "num_confusers", "train_examples",
+                     "val_examples")
+
+
 def _check_same_settings(out_dir: str, settings: LycheeDemoSettings) -> None:
-    """A lychee run folder belongs to one set of settings: rerunning it with others would resume the old reasoner
-    and overwrite its results with a mix. Records the settings on the first run; raises ``ValueError`` naming the
-    differences on a later one with other settings."""
+    """A lychee run folder belongs to one reasoner: rerunning it with other training settings
+    (``TRAINING_SETTINGS``) would resume the old reasoner and report it under the new settings. Records the settings
+    on the first run; raises ``ValueError`` naming the differences on a later one. Gate and evaluation settings may
+    change (they are redone on every run)."""
     path = os.path.join(out_dir, "lychee_settings.json")
     mine = dataclasses.asdict(settings)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             theirs = json.load(f)
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if k in TRAINING_SETTINGS and theirs.get(k) != v}
         if diff:
             shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in sorted(diff.items()))
             raise ValueError(f"{out_dir} holds a lychee run with other settings ({shown}); pass out_dir=<new folder> "

@@ -165,7 +165,7 @@ def test_demo_smoke_lychee(tmp_path, capsys):
     assert kinds == {"lychee_update", "memagent_update", "final_answer", "full_context"}
     assert ly["config"]["compressor"]["init_from"].endswith("cpt/compressor") and ly["settings"]["eval_questions"] == 4
     assert (out / "lychee" / "gate").is_dir() and (out / "lychee" / "eval.md").is_file()
-    assert "LycheeMemory vs MemAgent" in printed and "| lychee-nogate |" in printed
+    assert "MemAgent / LycheeMemory at 96 tokens" in printed and "| lychee-nogate |" in printed
     # The stage's settings reach the reasoner's records (the smoke preset's, not the defaults).
     assert "-L96-b32-c32-" in ly["config"]["data"]["trace_file"] and calls["final_answer"]["n"] == 2
     # Rerunning the folder with other settings would mix two runs: refused, nothing changed.
