@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,6 +28,15 @@ SCHEMAS = {"text": ("text",), "qa": ("context", "question", "answer"), "summary"
 
 class DataError(ValueError):
     """Bad training data: a missing file, or too many malformed lines."""
+
+
+def _record_check(schema: str) -> Optional[Callable[[dict[str, Any]], Optional[str]]]:
+    """A schema's checks beyond its string fields: ``rec -> None`` or why the record is malformed."""
+    if schema == "trace":
+        from memcomp.lychee.traces import check_trace_record  # its kind-specific fields
+
+        return check_trace_record
+    return None
 
 
 class JsonlReader:
@@ -48,6 +57,7 @@ class JsonlReader:
         self.epoch, self.index, self.good, self.bad = 0, 0, 0, 0
         self.bad_examples: list[str] = []
         self._offsets: list[int] | None = None
+        self._record_check = _record_check(schema)
 
     @property
     def position(self) -> dict[str, int]:
@@ -86,12 +96,9 @@ class JsonlReader:
         missing = [f for f in self.fields if not isinstance(rec.get(f), str) or not rec.get(f)]
         if missing:
             return self._reject(f"line {lineno}: missing or empty string field(s) {missing}")
-        if self.schema == "trace":
-            from memcomp.lychee.traces import check_trace_record
-
-            why = check_trace_record(rec)
-            if why is not None:
-                return self._reject(f"line {lineno}: {why}")
+        why = self._record_check(rec) if self._record_check is not None else None
+        if why is not None:
+            return self._reject(f"line {lineno}: {why}")
         self.good += 1
         return rec
 
@@ -192,6 +199,7 @@ class SampleStream:
             if needs[task] not in self.readers:
                 raise DataError(f"the {task} task needs a {needs[task]!r} data file ({SCHEMAS[needs[task]]})")
         self._iters = {k: iter(r) for k, r in self.readers.items()}
+        self._trace_prompts = None  # (Prompts, turn-end ids), built on the first trace record
 
     def _ids(self, text: str) -> list[int]:
         return list(self.builder.tok(text, add_special_tokens=False)["input_ids"])[: self.doc_tokens]
@@ -232,9 +240,9 @@ class SampleStream:
         from memcomp.lychee.prompts import Prompts
         from memcomp.lychee.traces import trace_sample, turn_end_ids
 
-        if getattr(self, "_prompts", None) is None:
-            self._prompts = (Prompts(self.builder.tok), turn_end_ids(self.builder.tok))
-        return trace_sample(rec, *self._prompts)
+        if self._trace_prompts is None:
+            self._trace_prompts = (Prompts(self.builder.tok), turn_end_ids(self.builder.tok))
+        return trace_sample(rec, *self._trace_prompts)
 
     def take(self, n: int) -> list[Sample]:
         return [self.next() for _ in range(n)]

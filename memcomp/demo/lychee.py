@@ -159,6 +159,8 @@ def _check_same_settings(out_dir: str, settings: LycheeDemoSettings) -> None:
     (``TRAINING_SETTINGS``) would resume the old reasoner and report it under the new settings. Records the settings
     on the first run; raises ``ValueError`` naming the differences on a later one. Gate and evaluation settings may
     change (they are redone on every run)."""
+    from memcomp.trainers.checkpoint import atomic_write
+
     path = os.path.join(out_dir, "lychee_settings.json")
     mine = dataclasses.asdict(settings)
     if os.path.isfile(path):
@@ -171,10 +173,7 @@ def _check_same_settings(out_dir: str, settings: LycheeDemoSettings) -> None:
                              "to run with these (nothing was changed)")
         return
     os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(mine, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(mine, indent=2))
 
 
 def call_accuracy(comp: Any, path: str, *, max_new_tokens: int, batch_size: int = 16) -> dict[str, Any]:

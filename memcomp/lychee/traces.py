@@ -78,8 +78,9 @@ class TraceConfig:
 
 
 def _updates(example: SyntheticExample, tokenizer: Any, size: int, kind: str, keep: int,
-             rng: random.Random) -> tuple[list[dict[str, Any]], str]:
-    """The update records over blocks of ``size`` tokens read in order, and the memory after the last block."""
+             rng: random.Random) -> tuple[list[dict[str, Any]], str, tuple[int, ...]]:
+    """The update records over blocks of ``size`` tokens read in order, the memory after the last block, and the
+    context's token ids (the blocks' tokenization, reused for the full-context record)."""
     blocks = example_blocks(example, tokenizer, size)
     trace = memory_trace(example, blocks, list(range(blocks.num_blocks)))
     previous = [NO_MEMORY, *trace.memories[:-1]]
@@ -91,7 +92,7 @@ def _updates(example: SyntheticExample, tokenizer: Any, size: int, kind: str, ke
     out = [{"kind": kind, "problem": problem, "memory": previous[s],
             "section_ids": list(blocks.block_ids(s)), "target": trace.memories[s]}
            for s in picked]
-    return out, trace.memories[-1]
+    return out, trace.memories[-1], blocks.input_ids
 
 
 def trace_records(examples: Sequence[SyntheticExample], tokenizer: Any, config: Optional[TraceConfig] = None, *,
@@ -115,14 +116,14 @@ def trace_records(examples: Sequence[SyntheticExample], tokenizer: Any, config: 
     for i, ex in enumerate(examples):
         if not isinstance(ex, SyntheticExample):
             raise TypeError(f"trace_records: example {i} is a {type(ex).__name__}, not a SyntheticExample")
-        lychee, final_memory = _updates(ex, tokenizer, config.block_tokens, "lychee_update",
-                                        config.unrelated_steps, rng)
-        memagent, _ = _updates(ex, tokenizer, config.chunk_tokens, "memagent_update", config.unrelated_steps, rng)
+        lychee, final_memory, context_ids = _updates(ex, tokenizer, config.block_tokens, "lychee_update",
+                                                     config.unrelated_steps, rng)
+        memagent, _, _ = _updates(ex, tokenizer, config.chunk_tokens, "memagent_update", config.unrelated_steps, rng)
         answer = f"\\boxed{{{ex.answer}}}"
         records = lychee + memagent + [
             {"kind": "final_answer", "problem": ex.question, "memory": final_memory, "target": answer},
             {"kind": "full_context", "problem": ex.question,
-             "section_ids": list(tokenizer(ex.context, add_special_tokens=False)["input_ids"]), "target": answer}]
+             "section_ids": list(context_ids), "target": answer}]
         out += [r for r in records if r["kind"] in config.kinds]
     return out
 
